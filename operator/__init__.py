@@ -1,0 +1,1 @@
+"""kvpool.operator: the kopf operator that turns a KVCachePool into running workers."""

@@ -1,0 +1,1 @@
+"""kvpool.sidecar: vLLM KV connector, KV transfer sidecar and prefill/decode router."""
