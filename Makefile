@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The codec extension (C++ core, CPU path; CUDA kernels where nvcc is present).
+# The codec extension: C++ core in kernels/ (CPU path; CUDA kernels where nvcc is present),
+# built into kvpool/kernels/ next to its Python API.
 kernels: $(STAMP)
 	[ -f kernels/CMakeLists.txt ] || exit 0; \
 	$(PY) -m cmake -S kernels -B $(BUILD)/kernels -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -39,9 +40,9 @@ kernels: $(STAMP)
 
 # gRPC stubs for the sidecar protocol.
 proto: $(STAMP)
-	protos=$$(ls sidecar/proto/*.proto 2>/dev/null); [ -z "$$protos" ] || \
-	$(PY) -m grpc_tools.protoc -Isidecar/proto --python_out=sidecar --grpc_python_out=sidecar \
-	    --pyi_out=sidecar $$protos
+	protos=$$(ls kvpool/sidecar/proto/*.proto 2>/dev/null); [ -z "$$protos" ] || \
+	$(PY) -m grpc_tools.protoc -Ikvpool/sidecar/proto --python_out=kvpool/sidecar \
+	    --grpc_python_out=kvpool/sidecar --pyi_out=kvpool/sidecar $$protos
 
 demo: all
 	$(VENV)/bin/kvpool demo
@@ -56,7 +57,7 @@ bench: all
 	$(VENV)/bin/kvpool bench codec --json
 
 lint: $(STAMP)
-	$(PY) -m ruff check kvpool kernels sidecar operator tests
+	$(PY) -m ruff check kvpool tests
 
 clean:
-	rm -rf $(BUILD) kernels/*.so sidecar/*_pb2*.py sidecar/*_pb2*.pyi
+	rm -rf $(BUILD) kvpool/kernels/*.so kvpool/sidecar/*_pb2*.py kvpool/sidecar/*_pb2*.pyi
