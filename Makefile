@@ -11,7 +11,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 PYTEST_ARGS ?=
 
-.PHONY: all install kernels proto demo test test-fast bench lint clean
+.PHONY: all install kernels proto crds demo test test-fast bench lint clean
 
 all: install kernels proto
 
@@ -43,6 +43,10 @@ proto: $(STAMP)
 	protos=$$(ls kvpool/sidecar/proto/*.proto 2>/dev/null); [ -z "$$protos" ] || \
 	$(PY) -m grpc_tools.protoc -Ikvpool/sidecar/proto --python_out=kvpool/sidecar \
 	    --grpc_python_out=kvpool/sidecar --pyi_out=kvpool/sidecar $$protos
+
+# The CRDs in crds/ are generated from kvpool/operator/api.py (one source of truth).
+crds: $(STAMP)
+	$(VENV)/bin/kvpool crd --write crds
 
 demo: all
 	$(VENV)/bin/kvpool demo
