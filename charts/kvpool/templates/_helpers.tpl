@@ -47,10 +47,6 @@ app.kubernetes.io/part-of: kvpool
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{- define "kvpool.peeringName" -}}
-{{- default (include "kvpool.fullname" .) .Values.operator.peeringName }}
-{{- end }}
-
 {{/* "true" when the operator serves every namespace (no watchNamespaces given). */}}
 {{- define "kvpool.clusterWide" -}}
 {{- if empty .Values.operator.watchNamespaces }}true{{ end }}
