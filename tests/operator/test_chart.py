@@ -12,6 +12,7 @@ import yaml
 
 from tests.operator.chart import (
     CHART,
+    HELMS,
     HelmError,
     Object,
     chart_crds,
@@ -69,15 +70,25 @@ def rules_of(objects: list[Object], name: str) -> list[dict[str, Any]]:
 
 # --- helm lint, helm template, schema validation of every object ---------------------------
 
+@pytest.mark.parametrize("binary", HELMS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_helm_lint_is_clean(scenario: str, tmp_path: Path) -> None:
+def test_helm_lint_is_clean(scenario: str, binary: str, tmp_path: Path) -> None:
     values = SCENARIOS[scenario]
     args = ["lint", CHART, "--strict"]
     if values is not None:
         args += ["--values", write_values(tmp_path / "values.yaml", values)]
-    out = helm(*args)
+    out = helm(*args, binary=binary)
     assert "1 chart(s) linted, 0 chart(s) failed" in out
     assert "[WARNING]" not in out and "[ERROR]" not in out
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm3_renders_what_helm4_renders(
+    scenario: str, rendered: dict[str, list[Object]], tmp_path: Path
+) -> None:
+    assert render(tmp_path, SCENARIOS[scenario], binary="helm3") == rendered[scenario]
+    assert render(tmp_path, SCENARIOS[scenario], binary="helm3", include_crds=True) == render(
+        tmp_path, SCENARIOS[scenario], include_crds=True)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -276,11 +287,12 @@ BAD_VALUES = {
 }
 
 
+@pytest.mark.parametrize("binary", HELMS)
 @pytest.mark.parametrize("case", BAD_VALUES)
-def test_values_schema_rejects_bad_values(case: str, tmp_path: Path) -> None:
+def test_values_schema_rejects_bad_values(case: str, binary: str, tmp_path: Path) -> None:
     values, field = BAD_VALUES[case]
     with pytest.raises(HelmError) as excinfo:
-        render(tmp_path, values)
+        render(tmp_path, values, binary=binary)
     message = str(excinfo.value)
     assert "values don't meet the specifications of the schema" in message
     assert field in message
