@@ -31,8 +31,9 @@ CUSTOM: dict[str, Any] = {
     "operator": {
         "replicas": 3,
         "livenessPort": 9090,
-        "logLevel": "debug",
-        "extraArgs": ["--verbose"],
+        "verbose": True,
+        "clusterDomain": "k8s.example",
+        "extraArgs": ["--priority=10"],
         "extraEnv": [{"name": "KVPOOL_EXTRA", "value": "1"}],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
                       "limits": {"cpu": "1", "memory": "1Gi"}},
@@ -128,21 +129,20 @@ def test_default_install_objects(rendered: dict[str, list[Object]]) -> None:
 def test_operator_command_line(rendered: dict[str, list[Object]]) -> None:
     default = operator_container(rendered["default"])
     assert default["image"] == "kvpool:0.1.0"
-    assert default["args"] == [
-        "operator", "--liveness=http://0.0.0.0:8080/healthz", "--all-namespaces",
-        "--log-level=info",
-    ]
+    assert default["args"] == ["operator", "--liveness=http://0.0.0.0:8080/healthz"]
     env = {e["name"]: e for e in default["env"]}
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["KVPOOL_IMAGE"]["value"] == default["image"]
+    assert env["KVPOOL_CLUSTER_DOMAIN"]["value"] == "cluster.local"
 
     custom = operator_container(rendered["custom"])
     assert custom["image"] == "registry.example/kvpool:1.2.3"
     assert custom["imagePullPolicy"] == "Always"
-    assert custom["args"][-1] == "--verbose"
+    assert custom["args"][-2:] == ["--verbose", "--priority=10"]
+    assert {"name": "KVPOOL_CLUSTER_DOMAIN", "value": "k8s.example"} in custom["env"]
     assert {"name": "KVPOOL_EXTRA", "value": "1"} in custom["env"]
 
     namespaced = operator_container(rendered["namespaced"])
-    assert "--all-namespaces" not in namespaced["args"]
     assert [a for a in namespaced["args"] if a.startswith("--namespace=")] == [
         "--namespace=team-a", "--namespace=team-b",
     ]
@@ -279,7 +279,8 @@ BAD_VALUES = {
     "namespace name": ({"operator": {"watchNamespaces": ["Team_A"]}}, "watchNamespaces"),
     "duplicate namespace": ({"operator": {"watchNamespaces": ["a", "a"]}}, "watchNamespaces"),
     "privileged port": ({"operator": {"livenessPort": 80}}, "livenessPort"),
-    "log level": ({"operator": {"logLevel": "verbose"}}, "logLevel"),
+    "verbose as text": ({"operator": {"verbose": "yes"}}, "verbose"),
+    "cluster domain": ({"operator": {"clusterDomain": "Cluster Local"}}, "clusterDomain"),
     "memory quantity": ({"operator": {"resources": {"limits": {"memory": "lots"}}}}, "memory"),
     "root user": ({"podSecurityContext": {"runAsNonRoot": False}}, "runAsNonRoot"),
     "privilege escalation": ({"securityContext": {"allowPrivilegeEscalation": True}},

@@ -1,5 +1,6 @@
 """What the chart shares with the operator's code: the generated CRDs, the RBAC rules, the
-example pools. Each has one source in kvpool.operator; these tests keep the chart equal to it."""
+command line, the example pools. Each has one source in kvpool.operator; these tests keep the
+chart equal to it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvpool import cli
 from kvpool.operator import api, crd, rbac
 from tests.operator.chart import (
     CHART,
@@ -16,6 +18,7 @@ from tests.operator.chart import (
     chart_crds,
     find,
     load_yaml_documents,
+    one,
     render,
     validate,
 )
@@ -69,6 +72,25 @@ def test_namespaced_rbac_is_exactly_what_the_operator_needs(tmp_path: Path) -> N
     assert [b["roleRef"]["name"] for b in find(objects, "ClusterRoleBinding")] == [
         "kvpool-cluster"
     ]
+
+
+@pytest.mark.parametrize(
+    ("values", "namespaces"),
+    [(None, []), ({"operator": {"watchNamespaces": ["a", "b"], "verbose": True}}, ["a", "b"])],
+    ids=["cluster-wide", "namespaced"],
+)
+def test_operator_command_line_is_what_kvpool_operator_accepts(
+    values: dict | None, namespaces: list[str], tmp_path: Path
+) -> None:
+    """The Deployment's args parse with the real `kvpool operator` parser, to the same meaning."""
+    pod = one(render(tmp_path, values), "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = cli.build_parser(container["args"]).parse_args(container["args"])
+    assert args.command == "operator"
+    assert args.namespace == namespaces
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    assert args.verbose is bool(values)
+    assert not args.standalone  # several replicas: kopf peering stays on
 
 
 @pytest.mark.parametrize("path", EXAMPLE_POOLS, ids=lambda p: p.name)
