@@ -32,7 +32,8 @@ SHORT_NAMES = ("kvp",)
 CATEGORIES = ("kvpool",)
 
 MAX_NAME_LENGTH = 46
-"""A pool's name is at most this long: ``<name>-prefill-headless`` must stay a DNS label (63)."""
+"""A pool's name is at most this long, leaving room for the suffixes of its children's
+names (``-prefill``, then the ReplicaSet and Pod hashes) within a DNS label (63)."""
 
 ROLES = ("prefill", "decode")
 """The worker roles, in the order they are rendered and reported."""

@@ -58,7 +58,7 @@ def kvcachepool_crd() -> dict[str, Any]:
             {
                 "rule": f"size(self.metadata.name) <= {api.MAX_NAME_LENGTH}",
                 "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
-                "(the children's names add up to 17 more)",
+                "(the children's names add suffixes to it)",
             }
         ],
     }
