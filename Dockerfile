@@ -5,8 +5,8 @@
 #   docker build -t kvpool:0.1.0 .
 #
 # Stage "builder" compiles the codec extension (C++ core, nanobind bindings; CUDA kernels
-# only where nvcc is present, so none here) and the gRPC stubs, then installs kvpool,
-# non-editable, into the virtual environment /opt/kvpool. Stage "runtime" copies that
+# only where nvcc is present, so none here) and the gRPC stubs with `make kernels proto`,
+# then installs kvpool, non-editable, into the virtual environment /opt/kvpool. Stage "runtime" copies that
 # environment onto a clean slim base and runs it as an unprivileged user.
 # The vLLM worker image (vLLM + the kvpool connector) is Dockerfile.worker.
 
@@ -18,27 +18,27 @@ ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ \
+ && apt-get install -y --no-install-recommends g++ make \
  && rm -rf /var/lib/apt/lists/*
-# Build tools stay in the builder's own Python; only kvpool and its dependencies go to /opt/kvpool.
-RUN pip install "cmake>=3.26" ninja "nanobind>=2.0" "grpcio-tools>=1.66" \
- && python -m venv /opt/kvpool \
+RUN python -m venv /opt/kvpool \
  && /opt/kvpool/bin/pip install --upgrade pip setuptools wheel \
  && if [ -n "${TORCH_SPEC}" ]; then \
         /opt/kvpool/bin/pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"; \
     fi
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY Makefile pyproject.toml README.md ./
 COPY kernels/ kernels/
 COPY kvpool/ kvpool/
-# Same steps as `make kernels proto`: the extension lands in kvpool/kernels/, the stubs in
-# kvpool/sidecar/, and both are package data of the non-editable install below.
-RUN python -m cmake -S kernels -B build/kernels -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DPython_EXECUTABLE=/opt/kvpool/bin/python -Dnanobind_DIR="$(python -m nanobind --cmake_dir)" \
- && python -m cmake --build build/kernels -j "$(nproc)" \
- && python -m grpc_tools.protoc -Ikvpool/sidecar/proto --python_out=kvpool/sidecar \
-        --grpc_python_out=kvpool/sidecar --pyi_out=kvpool/sidecar kvpool/sidecar/proto/*.proto \
+# `make kernels proto`, the same steps as on a developer's machine, with /opt/kvpool as the
+# environment (its stamp marks it installed: make must not install torch and vLLM into it).
+# The extension lands in kvpool/kernels/, the gRPC stubs beside their .proto; both are
+# package data of the non-editable install. The build tools leave the environment after.
+RUN /opt/kvpool/bin/pip install "cmake>=3.26" ninja "nanobind>=2.0" "grpcio-tools>=1.66" \
+ && touch /opt/kvpool/.kvpool-installed \
+ && make kernels proto VENV=/opt/kvpool \
+ && /opt/kvpool/bin/pip uninstall -y cmake ninja nanobind grpcio-tools \
  && /opt/kvpool/bin/pip install . \
+ && rm /opt/kvpool/.kvpool-installed \
  && /opt/kvpool/bin/kvpool --help >/dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime

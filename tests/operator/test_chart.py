@@ -321,3 +321,11 @@ def test_notes_tell_how_to_use_the_release(tmp_path: Path) -> None:
     assert "rollout status deployment/demo-kvpool" in notes
     assert "team-a, team-b" in notes
     assert "kubectl get kvp" in notes
+
+
+@pytest.mark.parametrize("binary", HELMS)
+def test_chart_refuses_clusters_older_than_its_kube_version(binary: str) -> None:
+    """CEL validation and the APIs the chart uses need Kubernetes 1.30 (Chart.yaml kubeVersion)."""
+    with pytest.raises(HelmError, match="kubeVersion"):
+        helm("template", "kvpool", CHART, "--kube-version", "1.29.0", binary=binary)
+    helm("template", "kvpool", CHART, "--kube-version", "1.30.0", binary=binary)
