@@ -1,12 +1,13 @@
-"""kvpool.kernels: the CacheGen-style KV cache codec (C++ core, CPU and CUDA paths)."""
+"""kvpool.kernels: the CacheGen-style KV cache codec (C++ core, CPU and CUDA paths).
 
-from dataclasses import dataclass
+Public API (docs/bitstream.md describes the frames)::
 
+    from kvpool.kernels import KVCache, encode, decode, peek, Profile, CodecError, LEVELS
+"""
 
-@dataclass
-class KVCache:
-    """Per-layer keys and values of a run of tokens: ``keys[i]``, ``values[i]`` are
-    ``[tokens_i, kv_heads * head_dim]`` tensors or arrays of layer ``i``."""
+from kvpool.kernels.codec import ChunkInfo, KVCache, decode, encode, peek
+from kvpool.kernels.errors import CodecError
+from kvpool.kernels.levels import LEVELS
+from kvpool.kernels.profile import Profile
 
-    keys: list
-    values: list
+__all__ = ["KVCache", "ChunkInfo", "encode", "decode", "peek", "Profile", "CodecError", "LEVELS"]
