@@ -292,11 +292,12 @@ class Launcher:
         *,
         extra_args: Sequence[str] = (),
     ) -> Process:
-        """A ``kvpool router`` in front of the given worker URLs."""
+        """A ``kvpool router`` in front of the given worker URLs, ready when it serves
+        ``/metrics`` (its ``/health`` is 503 until a worker of each role is up)."""
         port = free_port()
         argv = [sys.executable, "-m", "kvpool", "router", "--host", HOST, "--port", str(port)]
         argv += ["--prefill", *prefill, "--decode", *decode, *extra_args]
-        return self.start(name, argv, ready=HttpReady(f"http://{HOST}:{port}/health"), port=port)
+        return self.start(name, argv, ready=HttpReady(f"http://{HOST}:{port}/metrics"), port=port)
 
     def start_kvpool(
         self,
