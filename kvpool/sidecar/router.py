@@ -88,6 +88,9 @@ class Worker:
 
     url: str
     role: str
+    sidecar: str = ""
+    """Peer address of a decode worker's sidecar: prefill pushes the KV there as it is
+    computed (``kvpool_push_to``). Empty: decode pulls it from prefill's sidecar."""
     up: bool = True
     """Optimistic at start: the first probe runs at once."""
     last_error: str = ""
@@ -103,10 +106,15 @@ class WorkerPool:
     _next: int = field(default=0, repr=False)
 
     @classmethod
-    def of(cls, role: str, urls: Sequence[str]) -> WorkerPool:
+    def of(cls, role: str, urls: Sequence[str], sidecars: Sequence[str] = ()) -> WorkerPool:
         if not urls:
             raise ValueError(f"the router needs at least one {role} worker")
-        return cls(role, [Worker(url.rstrip("/"), role) for url in urls])
+        if sidecars and len(sidecars) != len(urls):
+            raise ValueError(
+                f"give one sidecar per {role} worker ({len(urls)}), not {len(sidecars)}"
+            )
+        peers = list(sidecars) or [""] * len(urls)
+        return cls(role, [Worker(url.rstrip("/"), role, peer) for url, peer in zip(urls, peers)])
 
     def candidates(self) -> list[Worker]:
         """Workers that are up, in the order to try them (advances the round-robin)."""
@@ -190,11 +198,13 @@ class Router:
         prefill: Sequence[str],
         decode: Sequence[str],
         settings: RouterSettings | None = None,
+        *,
+        decode_sidecars: Sequence[str] = (),
     ) -> None:
         self.settings = settings or RouterSettings()
         self.pools = {
             PREFILL: WorkerPool.of(PREFILL, prefill),
-            DECODE: WorkerPool.of(DECODE, decode),
+            DECODE: WorkerPool.of(DECODE, decode, decode_sidecars),
         }
         self.metrics = RouterMetrics()
         self._session: aiohttp.ClientSession | None = None
@@ -295,8 +305,14 @@ class Router:
         if "authorization" in request.headers:
             headers["Authorization"] = request.headers["authorization"]
 
+        # The decode worker is picked first: prefill may push the KV to its sidecar.
+        decode_order = self.pools[DECODE].candidates()
+        if not decode_order:
+            return self._count(endpoint, NoWorkerLeft(DECODE, [], self.pools[DECODE]).response())
         try:
-            prefill_worker, prefill_reply, prefill_ms = await self._prefill(endpoint, body, headers)
+            prefill_worker, prefill_reply, prefill_ms = await self._prefill(
+                endpoint, body, headers, decode_order[0].sidecar
+            )
         except NoWorkerLeft as exc:
             return self._count(endpoint, exc.response())
         except _ClientError as exc:
@@ -312,19 +328,22 @@ class Router:
             "x-request-id": request_id,
         }
         try:
-            response = await self._decode(request, endpoint, decode_body, headers, trace, started)
+            response = await self._decode(
+                request, endpoint, decode_body, decode_order, headers, trace, started
+            )
         except NoWorkerLeft as exc:
             return self._count(endpoint, exc.response())
         self.metrics.request_seconds.observe(time.perf_counter() - started)
         return self._count(endpoint, response)
 
     async def _prefill(
-        self, endpoint: str, body: dict[str, Any], headers: dict[str, str]
+        self, endpoint: str, body: dict[str, Any], headers: dict[str, str], push_to: str
     ) -> tuple[Worker, dict[str, Any], float]:
+        kv_params = dict(REMOTE_DECODE_PARAMS)
+        if push_to:
+            kv_params["kvpool_push_to"] = push_to
         prefill_body = copy.deepcopy(body)
-        prefill_body.update(
-            max_tokens=1, stream=False, kv_transfer_params=dict(REMOTE_DECODE_PARAMS)
-        )
+        prefill_body.update(max_tokens=1, stream=False, kv_transfer_params=kv_params)
         if "max_completion_tokens" in prefill_body:
             prefill_body["max_completion_tokens"] = 1
         prefill_body.pop("stream_options", None)
@@ -359,17 +378,29 @@ class Router:
         request: web.Request,
         endpoint: str,
         body: dict[str, Any],
+        order: list[Worker],
         headers: dict[str, str],
         trace: dict[str, str],
         started: float,
     ) -> web.StreamResponse:
         pool = self.pools[DECODE]
         tried: list[Worker] = []
-        for worker in pool.candidates():
+        kv_params = body.get("kv_transfer_params")
+        for worker in order:
+            if not worker.up:  # marked down meanwhile
+                continue
             tried.append(worker)
+            worker_body = body
+            if (
+                worker is not order[0]
+                and isinstance(kv_params, dict)
+                and kv_params.get("kvpool_push")
+            ):
+                # the KV was pushed to another decode sidecar: this one pulls it from prefill's
+                worker_body = {**body, "kv_transfer_params": {**kv_params, "kvpool_push": False}}
             try:
                 upstream = await self.session.post(
-                    worker.url + endpoint, json=body, headers=headers
+                    worker.url + endpoint, json=worker_body, headers=headers
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
                 self._mark_down(worker, _describe(exc))
@@ -487,6 +518,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="base URL of each decode vLLM server",
     )
+    parser.add_argument(
+        "--decode-sidecar",
+        nargs="+",
+        default=[],
+        metavar="HOST:PORT",
+        help="peer address of each decode worker's sidecar, in --decode order: "
+        "prefill then pushes the KV there while it computes it",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument(
@@ -517,7 +556,10 @@ def run(args: argparse.Namespace) -> int:
     settings = RouterSettings(
         health_interval_s=args.health_interval, request_timeout_s=args.request_timeout
     )
-    router = Router(args.prefill, args.decode, settings)
+    try:
+        router = Router(args.prefill, args.decode, settings, decode_sidecars=args.decode_sidecar)
+    except ValueError as exc:
+        raise SystemExit(f"kvpool router: {exc}") from exc
     log.info(
         "routing prefill=%s decode=%s on http://%s:%d",
         args.prefill,

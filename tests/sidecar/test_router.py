@@ -70,7 +70,9 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
 def start_router(
     launcher: Launcher, prefill: list[str], decode: list[str], name: str = "router"
 ) -> Process:
-    router = launcher.start_router(name, prefill, decode, extra_args=["--health-interval", "0.5"])
+    router = launcher.start_router(
+        name, prefill, decode, extra_args=["--health-interval", "0.5"], need_workers=False
+    )
     launcher.wait_ready(router, timeout_s=60)
     return router
 
