@@ -1,0 +1,21 @@
+"""Fixtures of the transport tests: real KV bytes of the default model, free ports."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_kv():
+    """``(keys, values)`` of 256 tokens of real text through SmolLM2-135M (cached on disk)."""
+    from kvpool.sidecar import realkv
+
+    return realkv.prompt_kv(256)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
