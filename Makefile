@@ -40,11 +40,12 @@ kernels: $(STAMP)
 	    -DPython_EXECUTABLE=$(abspath $(PY)) -Dnanobind_DIR=$$($(PY) -m nanobind --cmake_dir)
 	[ ! -f kernels/CMakeLists.txt ] || $(PY) -m cmake --build $(BUILD)/kernels -j $(JOBS)
 
-# gRPC stubs for the sidecar protocol.
+# gRPC stubs for the sidecar protocol, generated next to the .proto files. Paths are given
+# from the repository root so that the generated modules import each other as
+# `kvpool.sidecar.proto.<name>_pb2`.
 proto: $(STAMP)
 	protos=$$(ls kvpool/sidecar/proto/*.proto 2>/dev/null); [ -z "$$protos" ] || \
-	$(PY) -m grpc_tools.protoc -Ikvpool/sidecar/proto --python_out=kvpool/sidecar \
-	    --grpc_python_out=kvpool/sidecar --pyi_out=kvpool/sidecar $$protos
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. $$protos
 
 demo: all
 	$(VENV)/bin/kvpool demo
@@ -62,4 +63,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check kvpool tests
 
 clean:
-	rm -rf $(BUILD) kvpool/kernels/*.so kvpool/sidecar/*_pb2*.py kvpool/sidecar/*_pb2*.pyi
+	rm -rf $(BUILD) kvpool/kernels/*.so kvpool/sidecar/proto/*_pb2*.py kvpool/sidecar/proto/*_pb2*.pyi
