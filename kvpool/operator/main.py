@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from kvpool.operator import crd, handlers, kube
+from kvpool.operator import crd, handlers, kube, validation
 from kvpool.operator.settings import OperatorSettings, RenderSettings
 
 
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("kopf.objects").addFilter(_QuietChildEvents())
+    validation.warm_up()
     op = OperatorSettings(render=RenderSettings.from_env())
     namespaces = list(args.namespace) or None
     client = kube.Client(kube.load_config(), op.apply.request_timeout_s)
