@@ -63,12 +63,12 @@ def operator_installed(k8s: kubernetes.client.ApiClient) -> None:
             raise
         pytest.fail(f"the cluster has no {api.PLURAL}.{api.GROUP} CRD: install the chart "
                     "(`e2e/cluster.sh up cpu` or `helm install kvpool charts/kvpool`)")
-    conditions = {c.type: c.status for c in crd.status.conditions or ()}
+    conditions = {c.type: c.status for c in (crd.status and crd.status.conditions) or ()}
     assert conditions.get("Established") == "True", f"CRD not established: {conditions}"
     operators = kubernetes.client.AppsV1Api(k8s).list_deployment_for_all_namespaces(
         label_selector="app.kubernetes.io/name=kvpool,app.kubernetes.io/component=operator"
     ).items
-    assert any((d.status.available_replicas or 0) >= 1 for d in operators), (
+    assert any(((d.status and d.status.available_replicas) or 0) >= 1 for d in operators), (
         "no available kvpool operator Deployment: check `kubectl get deploy -A "
         "-l app.kubernetes.io/component=operator`"
     )
@@ -90,7 +90,8 @@ class Pool:
 
 def _cluster_has_gpus(k8s: kubernetes.client.ApiClient) -> bool:
     nodes = kubernetes.client.CoreV1Api(k8s).list_node().items
-    return any(int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) > 0 for n in nodes)
+    return any(int(((n.status and n.status.allocatable) or {}).get("nvidia.com/gpu", "0")) > 0
+               for n in nodes)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,8 @@ def pool(k8s: kubernetes.client.ApiClient, operator_installed: None) -> Iterator
     manifest = yaml.safe_load((ROOT / os.environ.get("KVPOOL_E2E_POOL", default)).read_text())
     namespace = f"kvpool-e2e-{uuid.uuid4().hex[:6]}"
     core = kubernetes.client.CoreV1Api(k8s)
-    core.create_namespace({"metadata": {"name": namespace, "labels": {"kvpool.dev/e2e": "true"}}})
+    core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(
+        name=namespace, labels={"kvpool.dev/e2e": "true"})))
     try:
         kubernetes.client.CustomObjectsApi(k8s).create_namespaced_custom_object(
             api.GROUP, api.VERSION, namespace, api.PLURAL, manifest

@@ -11,7 +11,7 @@ import os
 import time
 import urllib.request
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import kubernetes
@@ -29,7 +29,7 @@ READY_TIMEOUT_S = float(os.environ.get("KVPOOL_E2E_TIMEOUT", "1200"))
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, every_s: float = 3) -> T:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` past ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = probe()
@@ -41,9 +41,9 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, every_s
 
 
 def read_pool(k8s: kubernetes.client.ApiClient, pool: Pool) -> dict[str, Any]:
-    return kubernetes.client.CustomObjectsApi(k8s).get_namespaced_custom_object(
-        api.GROUP, api.VERSION, pool.namespace, api.PLURAL, pool.name
-    )
+    custom = kubernetes.client.CustomObjectsApi(k8s)
+    return cast(dict[str, Any], custom.get_namespaced_custom_object(
+        api.GROUP, api.VERSION, pool.namespace, api.PLURAL, pool.name))
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -120,8 +120,8 @@ def test_scale_decode(
     k8s: kubernetes.client.ApiClient, pool: Pool, port_forward: Callable[..., str]
 ) -> None:
     custom = kubernetes.client.CustomObjectsApi(k8s)
-    scale = custom.get_namespaced_custom_object_scale(
-        api.GROUP, api.VERSION, pool.namespace, api.PLURAL, pool.name)
+    scale = cast(dict[str, Any], custom.get_namespaced_custom_object_scale(
+        api.GROUP, api.VERSION, pool.namespace, api.PLURAL, pool.name))
     wanted = scale["spec"]["replicas"] + 1
     custom.patch_namespaced_custom_object_scale(
         api.GROUP, api.VERSION, pool.namespace, api.PLURAL, pool.name,

@@ -91,7 +91,8 @@ def tool(name: str, directory: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=None, help="folder (default: .tools/bin of the checkout)")
+    parser.add_argument("--dest", type=Path, default=None,
+                        help="folder (default: .tools/bin of the checkout)")
     args = parser.parse_args(argv)
     for name in TOOLS:
         print(tool(name, args.dest))

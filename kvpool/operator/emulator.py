@@ -12,7 +12,10 @@ extended with what kmock 0.8 leaves out and kopf needs:
   object itself leaves ``status`` alone) for every resource that has one;
 - server-side apply creating an object that is absent, and writes that change nothing
   answering without a new version or a watch event (as a real API server does);
-- discovery of Kubernetes' built-in resources and of the project's CRDs.
+- discovery of Kubernetes' built-in resources and of the project's CRDs;
+- no log of served requests (kmock keeps every request and scans them all for each new
+  one, which makes a benchmark of thousands of requests quadratic), and plain reads and
+  writes answered without kmock's generic reaction matching.
 
 What it does not emulate: CEL and schema validation, defaulting, field ownership
 (apply merges like a JSON merge patch: maps merge, lists are replaced), controllers
@@ -26,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import datetime
 import itertools
 import pathlib
 import signal
 import sys
+import typing
 import uuid
 from typing import Any
 
@@ -56,7 +61,33 @@ def _comparable(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 @attrs.define(kw_only=True)
-class ClusterEmulator(kmock.KubernetesEmulator):
+class _DirectReplies(kmock.RawHandler):
+    """Answers plain reads and writes straight from the emulator's store.
+
+    Placed after kmock's emulator in the method resolution order, it receives the
+    requests once kmock has stored their effects, and skips kmock's generic reaction
+    matching (its cost grows with every reaction and criterion); watches and anything
+    else still go through kmock.
+    """
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        serve = None
+        if request.resource is not None and request.resource.plural:  # not discovery
+            emulator = typing.cast(kmock.KubernetesEmulator, self)
+            serve = {
+                enums.action.FETCH: emulator._serve_fetch,
+                enums.action.LIST: emulator._serve_list,
+                enums.action.CREATE: emulator._serve_create,
+                enums.action.UPDATE: emulator._serve_update,
+                enums.action.DELETE: emulator._serve_delete if request.name else None,
+            }.get(request.action)
+        if serve is None:
+            return await super()._handle(request)
+        return aiohttp.web.json_response(await serve(request))
+
+
+@attrs.define(kw_only=True)
+class ClusterEmulator(kmock.KubernetesEmulator, _DirectReplies):
     """kmock's emulator with the API-server behaviour listed in the module docstring."""
 
     _revisions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
@@ -88,6 +119,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return self.objects[key].raw
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        # kmock logs every request and matches each new one by scanning that log: quadratic
+        # under load. Served requests leave the log (this emulator asserts on objects).
+        try:
+            return await self._handle_k8s(request)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._requests.remove(request)
+
+    async def _handle_k8s(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == enums.action.CREATE:
                 self._prepare_create(request, request.data)

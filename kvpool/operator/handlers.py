@@ -11,12 +11,14 @@
 
 A spec the operator cannot honour (schema or CEL violations, a child the API server
 rejects) becomes ``Degraded=True`` with the reason and a Warning Event, never an
-exception loop. Handlers are sync: kopf runs them in its thread pool, where the blocking
-:class:`~kvpool.operator.kube.Client` is at home.
+exception loop. Handlers that write are sync (kopf runs them in its thread pool, where the blocking
+:class:`~kvpool.operator.kube.Client` is at home); indexes and the per-child-event check
+are async, so that the thousands of events that change nothing cost no thread hop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
@@ -56,17 +58,18 @@ def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
     settings.networking.request_timeout = op.apply.request_timeout_s
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    settings.process.ultimate_exiting_timeout = 25  # below the pod's 30 s grace period
 
 
 # --- indexes ----------------------------------------------------------------------------
 
 @kopf.index(api.GROUP, api.VERSION, api.PLURAL)
-def pools(body: kopf.Body, memo: Memo, **_: Any) -> dict[tuple[str, str], plan.Plan]:
+async def pools(body: kopf.Body, memo: Memo, **_: Any) -> dict[tuple[str, str], plan.Plan]:
     p = plan.make(body, memo.settings.render)
     return {(p.pool.namespace, p.pool.name): p}
 
 
-def _index_child(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
+async def _index_child(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
     pool = body.metadata.labels.get(children.POOL_LABEL)
     if not pool:
         return None
@@ -204,9 +207,13 @@ def cleanup(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -> 
 
 # --- children ---------------------------------------------------------------------------
 
-def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, logger: kopf.Logger,
-                   pools: kopf.Index, **kwargs: Any) -> None:
-    """Put back a deleted or edited child; refresh the pool's status on Deployment news."""
+async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
+                         logger: kopf.Logger, pools: kopf.Index, **kwargs: Any) -> None:
+    """Put back a deleted or edited child; refresh the pool's status on Deployment news.
+
+    Async, so that the common case (nothing to do) costs no thread hop; the blocking
+    writes go to a thread.
+    """
     pool_name = body.metadata.labels.get(children.POOL_LABEL)
     namespace = body.metadata.namespace
     p = _latest_plan(pools, namespace, pool_name) if pool_name and namespace else None
@@ -217,12 +224,16 @@ def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, logger: ko
     deleted = event.get("type") == "DELETED"
     if desired is not None and (deleted or not plan.contains(body, desired)):
         what = "deleted" if deleted else "changed by someone else"
-        memo.client.apply(desired, memo.settings.apply.field_manager)
+        await asyncio.to_thread(memo.client.apply, desired, memo.settings.apply.field_manager)
         kopf.info(p.body_ref, reason="ChildRestored", message=f"{key[1]} {key[2]} was {what}")
         logger.info(f"restored {key[1]} {key[2]}: it was {what}")
-    if key[1] == "Deployment":
+    # Status moves to a new generation only in reconcile(), once every child is applied;
+    # until then, a Deployment's news would report the new inputs too early.
+    reconciled = (p.status.get("observedGeneration") == p.generation
+                  and p.status.get("inputsHash") == p.digest)
+    if key[1] == "Deployment" and reconciled:
         live = _live_children(namespace, pool_name, kwargs)
-        _write_status(memo, p, live)
+        await asyncio.to_thread(_write_status, memo, p, live)
 
 
 for _group, _version, _plural in CHILD_RESOURCES:
@@ -248,6 +259,6 @@ def ensure_peering(client: kube.Client, namespaces: Iterable[str] | None) -> Non
 
 
 @kopf.on.probe(id="pools")
-def pools_known(pools: kopf.Index, **_: Any) -> int:
+async def pools_known(pools: kopf.Index, **_: Any) -> int:
     """Liveness detail: how many pools this replica knows."""
     return len(pools)

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from kvpool.operator import crd, handlers, kube
+from kvpool.operator import crd, handlers, kube, validation
 from kvpool.operator.settings import OperatorSettings, RenderSettings
 
 
@@ -31,9 +31,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+class _QuietChildEvents(logging.Filter):
+    """Drop kopf's "Handler '<kind>_drift' succeeded" lines: one per child event, no news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Handler '") and "_drift' succeeded" in message)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("kopf.objects").addFilter(_QuietChildEvents())
+    validation.warm_up()
     op = OperatorSettings(render=RenderSettings.from_env())
     namespaces = list(args.namespace) or None
     client = kube.Client(kube.load_config(), op.apply.request_timeout_s)

@@ -9,6 +9,8 @@ look like without reading the pool or rendering again.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,31 +47,44 @@ class Plan:
 
 
 def make(body: Mapping[str, Any], settings: RenderSettings) -> Plan:
-    """The plan for a pool body as the API server returns it."""
+    """The plan for a pool body as the API server returns it.
+
+    The expensive part (schema, CEL, rendering) depends only on the pool's identity and
+    spec, and is cached: kopf calls this on every event of a pool, status writes included.
+    The children it returns are shared between calls and must not be modified.
+    """
     meta = body.get("metadata", {})
     pool = children.PoolRef(meta.get("name", ""), meta.get("namespace", ""), meta.get("uid", ""))
-    common = {"pool": pool, "generation": int(meta.get("generation", 0)),
-                  "deleting": bool(meta.get("deletionTimestamp")),
-                  "status": dict(body.get("status") or {})}
+    spec_json = json.dumps(body.get("spec"), sort_keys=True)
+    return Plan(
+        pool=pool,
+        generation=int(meta.get("generation", 0)),
+        deleting=bool(meta.get("deletionTimestamp")),
+        status=dict(body.get("status") or {}),
+        **_rendered(pool, spec_json, settings),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _rendered(pool: children.PoolRef, spec_json: str, settings: RenderSettings) -> dict[str, Any]:
+    empty = {"digest": None, "children": {}, "endpoint": None}
     try:
-        spec = api.load_spec(body.get("spec"))
+        spec = api.load_spec(json.loads(spec_json))
     except schema.SpecError as exc:
-        return Plan(spec=None, problem=(INVALID_SPEC, str(exc)), digest=None, children={},
-                    endpoint=None, **common)
-    found = validation.violations({"metadata": dict(meta), "spec": schema.dump(spec)})
+        return {"spec": None, "problem": (INVALID_SPEC, str(exc)), **empty}
+    meta = {"name": pool.name, "namespace": pool.namespace}
+    found = validation.violations({"metadata": meta, "spec": schema.dump(spec)})
     if found:
         message = "; ".join(str(v) for v in found)
-        return Plan(spec=spec, problem=(INVALID_SPEC, message), digest=None, children={},
-                    endpoint=None, **common)
+        return {"spec": spec, "problem": (INVALID_SPEC, message), **empty}
     objects = children.render(pool, spec, settings)
-    return Plan(
-        spec=spec,
-        problem=None,
-        digest=children.inputs_hash(spec, settings),
-        children={children.key(obj): obj for obj in objects},
-        endpoint=children.router_endpoint(pool, spec, settings),
-        **common,
-    )
+    return {
+        "spec": spec,
+        "problem": None,
+        "digest": children.inputs_hash(spec, settings),
+        "children": {children.key(obj): obj for obj in objects},
+        "endpoint": children.router_endpoint(pool, spec, settings),
+    }
 
 
 def contains(live: Any, desired: Any) -> bool:

@@ -75,7 +75,7 @@ def rules_of(objects: list[Object], name: str) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_helm_lint_is_clean(scenario: str, binary: str, tmp_path: Path) -> None:
     values = SCENARIOS[scenario]
-    args = ["lint", CHART, "--strict"]
+    args: list[str | Path] = ["lint", CHART, "--strict"]
     if values is not None:
         args += ["--values", write_values(tmp_path / "values.yaml", values)]
     out = helm(*args, binary=binary)
@@ -270,7 +270,7 @@ def test_existing_service_account_and_no_rbac(tmp_path: Path) -> None:
 
 # --- values.schema.json ---------------------------------------------------------------------
 
-BAD_VALUES = {
+BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "zero replicas": ({"operator": {"replicas": 0}}, "replicas"),
     "replicas as text": ({"operator": {"replicas": "two"}}, "replicas"),
     "pull policy": ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
