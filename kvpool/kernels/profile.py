@@ -104,7 +104,8 @@ class Profile:
             else:
                 lo = hi = np.zeros(width, np.float32)
             mu = _bf16_bits(hi * 0.5 + lo * 0.5)
-            half = hi * 0.5 - lo * 0.5
+            m = (mu.astype(np.uint32) << 16).view(np.float32)
+            half = np.maximum(hi - m, m - lo)
             sigma = np.where(half > 0, _bf16_bits(half, up=True), np.uint16(0x3F80))
             arrays[f"p{i}.mu"], arrays[f"p{i}.sigma"] = mu, sigma.astype(np.uint16)
             for group, role, bins in roles:
