@@ -239,15 +239,16 @@ def decode(
         tables = profile.tables_for(h["anchor_group"], h["layers"])
     dtype = getattr(torch, DTYPES[h["dtype"]])
     dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise CodecError(f"cannot decode onto device {device!r}")
+    gpu = _cuda() if dev.type == "cuda" else None
     outs = []
     for t, w, *_ in h["layers"]:
         outs += [torch.empty((t, w), dtype=dtype, device=dev) for _ in range(2)]
-    if dev.type == "cuda":
-        _cuda().decode(view, outs, tables)
-    elif dev.type == "cpu":
-        _codec.decode(view, outs, tables, threads or default_threads())
+    if gpu is not None:
+        gpu.decode(view, outs, tables)
     else:
-        raise CodecError(f"cannot decode onto device {device!r}")
+        _codec.decode(view, outs, tables, threads or default_threads())
     return KVCache(keys=outs[0::2], values=outs[1::2])
 
 

@@ -114,14 +114,14 @@ def test_profile_chunk_needs_its_profile(profile_samples) -> None:
         decode(data, other)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_random_bytes(data: bytes) -> None:
     with pytest.raises(CodecError):
         decode(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), level=st.sampled_from(["lossless", "default"]))
 def test_mutated_frames_with_valid_checksum(data, level) -> None:
     body = bytearray(_FRAMES[level][:-4])

@@ -75,6 +75,42 @@ def test_lossy_error_within_quantization_step(level: str, dtype: torch.dtype) ->
     assert peek(data).level == level
 
 
+DELTA = levels.Level(
+    "delta16",
+    anchor_group=16,
+    key_bins=((0.5, 63), (1.0, 31)),
+    value_bins=((1.0, 31),),
+    key_delta_bins=((1.0, 15),),
+    value_delta_bins=((0.5, 11), (1.0, 7)),
+)
+
+
+@pytest.fixture
+def delta_level(monkeypatch) -> str:
+    """A level with anchor groups (differences to the group's first row)."""
+    monkeypatch.setattr(levels, "LEVEL_TABLE", (*levels.LEVEL_TABLE, DELTA))
+    return DELTA.name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_anchor_groups_round_trip_within_the_step(delta_level: str, dtype: torch.dtype) -> None:
+    kv = synthetic_kv([(200, 96), (70, 64), (16, 8), (17, 8)], dtype)
+    data = encode(kv, delta_level)
+    assert peek(data).bins[0] == (15, 11, 63, 31)
+    check_bound(kv, decode(data), delta_level, dtype)
+
+
+def test_anchor_groups_with_a_profile(delta_level: str, profile_samples) -> None:
+    from kvpool.kernels import Profile
+
+    profile = Profile.build(profile_samples, model="synthetic")
+    kv = profile_samples[2]
+    data = encode(kv, delta_level, profile)
+    assert len(data) < len(encode(kv, delta_level))
+    out = decode(data, profile)
+    assert all(o.shape == k.shape for o, k in zip(out.keys, kv.keys))
+
+
 def test_levels_order_ratio() -> None:
     kv = synthetic_kv([(256, 128)] * 4)
     sizes = [len(encode(kv, name)) for name in LEVELS]
@@ -117,7 +153,7 @@ def test_constant_and_zero_planes_decode_exactly() -> None:
     assert torch.equal(out.keys[0], zeros) and torch.equal(out.values[0], const)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shapes=st.lists(st.tuples(st.integers(0, 140), st.integers(0, 140)), min_size=0, max_size=4),
     level=st.sampled_from(LEVELS),
