@@ -29,6 +29,9 @@ from kvpool.kernels import _codec, levels
 from kvpool.kernels.codec import KVCache, _planes
 from kvpool.kernels.errors import CodecError
 
+ROBUST = 0.001
+"""Quantiles that bound a channel's range in a profile (0.1 % and 99.9 %)."""
+
 FORMAT = "kvpool-codec-profile"
 VERSION = 1
 
@@ -100,7 +103,9 @@ class Profile:
             width = data.shape[1]
             widths.append(width)
             if len(data):
-                lo, hi = data.min(axis=0), data.max(axis=0)
+                # Robust ranges: a rare outlier token (an attention sink) must not widen a
+                # channel for every chunk; rows beyond the range get a larger token scale.
+                lo, hi = np.quantile(data, [ROBUST, 1 - ROBUST], axis=0).astype(np.float32)
             else:
                 lo = hi = np.zeros(width, np.float32)
             mu = _bf16_bits(hi * 0.5 + lo * 0.5)

@@ -29,7 +29,7 @@ def frame(request) -> bytes:
 
 
 def test_every_truncation_is_rejected(frame: bytes) -> None:
-    for n in [*range(0, 64), *range(64, len(frame), max(1, len(frame) // 200))]:
+    for n in [*range(64), *range(64, len(frame), max(1, len(frame) // 200))]:
         with pytest.raises(CodecError):
             decode(frame[:n])
 
@@ -76,7 +76,7 @@ def test_header_rules() -> None:
         "reserved": (19, b"\x01"),
         "profile flag without hash": (7, b"\x01"),
     }
-    for name, (at, value) in cases.items():
+    for at, value in cases.values():
         bad = bytearray(body)
         bad[at : at + len(value)] = value
         with pytest.raises(CodecError):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvpool.kernels import CodecError, Profile, decode, encode
-
 from tests.conftest import cuda_available
 
 from .conftest import synthetic_kv
@@ -20,7 +20,7 @@ CASES = [(level, dtype) for level in ("lossless", "default", "lowest")
 
 
 def test_cuda_module_is_built_where_nvcc_is() -> None:
-    if shutil.which("nvcc") is None and not shutil.os.path.exists("/usr/local/cuda/bin/nvcc"):
+    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists():
         pytest.skip("no CUDA compiler on this machine")
     assert importlib.util.find_spec("kvpool.kernels._codec_cuda") is not None
     from kvpool.kernels import _codec_cuda

@@ -3,6 +3,8 @@ tables and decode only with it."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -80,8 +82,6 @@ def test_tampered_table_is_caught_by_the_hash(profile, tmp_path) -> None:
     arrays[key][0, 0] += 1
     path = tmp_path / "p.kvprof"
     profile.save(path)
-    import io, json, zipfile  # noqa: E401
-
     with np.load(path) as z:
         meta = z["meta"]
     buf = io.BytesIO()
@@ -89,7 +89,6 @@ def test_tampered_table_is_caught_by_the_hash(profile, tmp_path) -> None:
     path.write_bytes(buf.getvalue())
     with pytest.raises(CodecError, match="hash"):
         Profile.load(path)
-    del zipfile, json
 
 
 def test_profile_of_another_shape_is_refused(profile) -> None:
