@@ -88,49 +88,25 @@ KVP_HD uint32_t lossy_symbol(const QuantInput& in, uint32_t t, uint32_t c) {
 
 namespace kvp {
 
-constexpr uint32_t kMaxRobustDrop = 8;
-
-// Values left out at each end of a channel's range: a rare outlier token (an attention
-// sink) must not widen the channel for the whole chunk; rows beyond the range get a larger
-// token scale instead. One per 128 tokens, at most kMaxRobustDrop.
-KVP_HD uint32_t robust_drop(uint32_t tokens) {
-    uint32_t k = tokens / 128;
-    return k < kMaxRobustDrop ? k : kMaxRobustDrop;
-}
-
-// Channel normalization of a chunk without a profile: the midpoint of channel c's robust
-// range (the (k+1)-th smallest and largest values, k = robust_drop) as bf16 to nearest, and
-// the larger distance from that rounded midpoint to either end (bf16 rounded up; 1.0 for a
-// constant channel). Order statistics are exact, so the result does not depend on the
-// order of reduction.
+// Channel normalization of a chunk without a profile: the midpoint of channel c over all
+// tokens (bf16, to nearest) and the largest distance of a value from that rounded midpoint
+// (bf16, rounded up; 1.0 for a constant channel), so that |y| <= 1. min/max are exact, so
+// the result does not depend on the order of reduction.
 KVP_HD int32_t channel_stats(const void* x, uint8_t dtype, uint32_t tokens, uint32_t width,
                              uint32_t c, uint16_t* mu, uint16_t* sigma) {
-    uint32_t keep = robust_drop(tokens) + 1;
-    float lo[kMaxRobustDrop + 1], hi[kMaxRobustDrop + 1];  // ascending lo, descending hi
-    uint32_t n = 0;
+    float lo = 0.0f, hi = 0.0f;
     for (uint32_t t = 0; t < tokens; ++t) {
         float v = load_elem(x, dtype, (uint64_t)t * width + c);
         KVP_CHECK(is_finite(v), kBadInput);
-        uint32_t m = n < keep ? n + 1 : keep;
-        uint32_t i = m - 1;  // insert v into lo[0..m) (dropping the largest when full)
-        if (n < keep || v < lo[i]) {
-            while (i > 0 && lo[i - 1] > v) { lo[i] = lo[i - 1]; --i; }
-            lo[i] = v;
-        }
-        i = m - 1;
-        if (n < keep || v > hi[i]) {
-            while (i > 0 && hi[i - 1] < v) { hi[i] = hi[i - 1]; --i; }
-            hi[i] = v;
-        }
-        n = m;
+        if (t == 0 || v < lo) lo = v;
+        if (t == 0 || v > hi) hi = v;
     }
-    float a = n ? lo[n - 1] : 0.0f, b = n ? hi[n - 1] : 0.0f;
-    *mu = f32_to_bf16(b * 0.5f + a * 0.5f);
-    float mid = bf16_to_f32(*mu);
-    float up = b - mid, down = mid - a;
+    *mu = f32_to_bf16(hi * 0.5f + lo * 0.5f);
+    float m = bf16_to_f32(*mu);
+    float up = hi - m, down = m - lo;
     float half = up > down ? up : down;
     *sigma = half > 0.0f ? f32_to_bf16_up(half) : (uint16_t)0x3F80u;  // 1.0
-    KVP_CHECK(is_finite(bf16_to_f32(*sigma)) && is_finite(mid), kBadInput);
+    KVP_CHECK(is_finite(bf16_to_f32(*sigma)) && is_finite(m), kBadInput);
     return kOk;
 }
 
