@@ -137,7 +137,7 @@ class Bench:
         if key not in self._quality:
             if key == self.reference:  # the same bits give the same model outputs
                 ref = self.harness.reference_ppl
-                self._quality[key] = (Quality(1.0, 1.0, ref, 0.0), True)
+                self._quality[key] = (Quality(1.0, 1.0, ref, 0.0, 0.0), True)
             else:
                 self._quality[key] = (self.harness.measure(kv), False)
         return self._quality[key]
@@ -162,6 +162,7 @@ class Bench:
             "greedy_match": round(q.greedy_match, 4),
             "greedy_prefix": round(q.greedy_prefix, 4),
             "ppl_delta_pct": round(q.ppl_delta_pct, 3),
+            "kl": round(q.kl, 5),
             "bit_exact": exact,
             "encoded_bytes": size,
             "encode_mb_s": round(raw / timing.encode_s / 1e6, 1),

@@ -75,35 +75,43 @@ def _pick(schedule: Schedule, depth: float) -> int:
     return schedule[-1][1]
 
 
+# Measured with ``kvpool bench codec`` on SmolLM2-135M (2048 tokens of pydoc text, profile
+# from other text): keys lose more than values for the same bins, and anchor rows (1 in 16)
+# buy quality cheaply with more bins. Ratios with a profile, KL = mean KL divergence of the
+# next-token distributions over 256 positions:
+#   high     keys 31, values 15, anchors 127/63             ratio 4.0, KL 0.008
+#   default  keys 15, values 11, anchors 63/31              ratio 5.0, KL 0.031
+#   low      keys 15/11, values 11/7 by depth, anchors 31/15  ratio 6.1, ppl +9 %
+#   lowest   keys 11/7, values 7/5 by depth, anchors 15/11    ratio 8.0, ppl +37 %
 LEVEL_TABLE: tuple[Level, ...] = (
     Level("lossless", lossless=True, anchor_group=1),
     Level(
         "high",
-        key_bins=((0.15, 31), (1.0, 15)),
-        value_bins=((0.15, 15), (1.0, 11)),
+        key_bins=((1.0, 31),),
+        value_bins=((1.0, 15),),
+        key_anchor_bins=((1.0, 127),),
+        value_anchor_bins=((1.0, 63),),
+    ),
+    Level(
+        "default",
+        key_bins=((1.0, 15),),
+        value_bins=((1.0, 11),),
         key_anchor_bins=((1.0, 63),),
         value_anchor_bins=((1.0, 31),),
     ),
     Level(
-        "default",
+        "low",
         key_bins=((0.15, 15), (1.0, 11)),
         value_bins=((0.15, 11), (1.0, 7)),
         key_anchor_bins=((1.0, 31),),
         value_anchor_bins=((1.0, 15),),
     ),
     Level(
-        "low",
+        "lowest",
         key_bins=((0.15, 11), (1.0, 7)),
         value_bins=((0.15, 7), (1.0, 5)),
         key_anchor_bins=((1.0, 15),),
         value_anchor_bins=((1.0, 11),),
-    ),
-    Level(
-        "lowest",
-        key_bins=((0.15, 7), (1.0, 5)),
-        value_bins=((1.0, 3),),
-        key_anchor_bins=((1.0, 11),),
-        value_anchor_bins=((1.0, 7),),
     ),
 )
 """Every level, best quality first."""

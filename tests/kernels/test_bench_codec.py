@@ -20,6 +20,7 @@ ROW_KEYS = {
     "greedy_match",
     "greedy_prefix",
     "ppl_delta_pct",
+    "kl",
     "bit_exact",
     "encoded_bytes",
     "encode_mb_s",
