@@ -310,18 +310,19 @@ def _color(row: dict[str, Any], baselines: list[dict[str, Any]]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    """Ratio vs quality (perplexity change and greedy match) for every row and baseline."""
+    """Ratio vs quality (perplexity change, KL divergence, greedy match) for every row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     chunks = sorted({r["chunk_tokens"] for r in result["rows"] + result["baselines"]})
     markers = dict(zip(chunks, "osD^v"))
     for ax, key, label in (
         (axes[0], "ppl_delta_pct", "perplexity change (%)"),
-        (axes[1], "greedy_match", "greedy match (64 tokens)"),
+        (axes[1], "kl", "KL divergence of next-token distributions (nats)"),
+        (axes[2], "greedy_match", "greedy match (64 tokens)"),
     ):
         for row in result["rows"] + result["baselines"]:
             x, y = row["ratio_vs_fp16"], row[key]
@@ -343,7 +344,7 @@ def plot(result: dict[str, Any], path: str) -> None:
             ("tab:gray", "baselines"),
         )
     ]
-    axes[1].legend(handles=handles, fontsize=8)
+    axes[2].legend(handles=handles, fontsize=8)
     fig.suptitle(f"{result['model']}: {result['tokens']} tokens of {result['text']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
