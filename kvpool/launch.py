@@ -310,6 +310,7 @@ class Launcher:
         name: str,
         *,
         level: str = "raw",
+        socket: Path | None = None,
         peer_host: str = HOST,
         extra_args: Sequence[str] = (),
         wrap: Sequence[str] = (),
@@ -317,8 +318,9 @@ class Launcher:
         """A ``kvpool sidecar``: Local API on a unix socket (its readiness probe: the gRPC
         health service there), Peer API on ``peer_host`` and metrics on loopback, both on
         free ports. ``wrap`` (``ip netns exec NS``) runs it inside a network namespace, where
-        its metrics are reachable only from that namespace."""
-        sock = self.socket_path(name)
+        its metrics are reachable only from that namespace. ``socket``: the Local API's
+        path (default: :meth:`socket_path` of ``name``), to restart a sidecar in place."""
+        sock = socket or self.socket_path(name)
         sock.unlink(missing_ok=True)
         peer = f"{peer_host}:{free_port() if not wrap else _NETNS_PEER_PORT}"
         metrics = f"{HOST}:{free_port()}"
