@@ -114,7 +114,7 @@ def engine_argv(port: int, sidecar_socket: Path) -> list[str]:
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir()), "--served-model-name", "smollm2",
         "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "4096", "--block-size", "32", "--dtype", "bfloat16",
+        "--max-model-len", "4096", "--block-size", "32", "--dtype", "float32",
         "--optimization-level", "0", "--max-num-batched-tokens", "1024",
         "--kv-transfer-config", json.dumps(transfer),
     ]
