@@ -92,7 +92,6 @@ class Samples:
     total_ms: list[float] = field(default_factory=list)
     wire_bytes: list[float] = field(default_factory=list)
     raw_bytes: list[float] = field(default_factory=list)
-    recomputed: int = 0
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -306,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(levels: {', '.join(codec.levels())}; make kernels builds the codec)")  # fmt: skip
     result: dict[str, Any] = {
         "ttft_ms": {}, "kv_ms": {}, "total_ms": {}, "wire_bytes": {}, "raw_bytes": {},
-        "recomputed": {}, "skipped": {},
+        "skipped": {},
         "config": {"requests": args.requests, "max_tokens": args.max_tokens, "level": args.level,
                    "prompts": {p: PROMPTS[p] for p in prompts}, "scenarios": scenarios,
                    "modes": modes, "model": models.DEFAULT_MODEL,

@@ -11,6 +11,12 @@ vLLM's own disaggregated-serving proxy does it:
    its connector loads the KV and the worker generates; the router streams (SSE) or returns
    that response unchanged.
 
+With ``--decode-sidecar`` (one peer address per decode worker) the decode worker is
+picked first and the prefill request also carries ``kvpool_push_to``: its sidecar pushes
+the KV to that decode sidecar while the prompt is computed, instead of decode pulling it
+afterwards. If that decode worker then fails, the next one is told to pull
+(``kvpool_push: false``) from the prefill sidecar, which holds the KV for its lease.
+
 Workers are picked round-robin among the healthy ones. A worker is marked down when a
 request to it fails to connect or answers 5xx, and a background task probes every
 worker's ``/health`` to mark it up or down again. A failed worker is skipped for the next
