@@ -376,7 +376,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         ax.bar([x + i * width for x in range(len(cells))], values, width, label=mode)
     ax.set_xticks([x + width for x in range(len(cells))], [f"{s}\n{p}" for s, p in cells])
     ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title("kvpool: TTFT, one engine vs prefill/decode (CPU, shared machine)")
+    ax.set_title("TTFT: one engine vs prefill/decode (CPU)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
