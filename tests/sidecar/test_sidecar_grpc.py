@@ -193,7 +193,7 @@ async def test_health_metrics_and_info(pair):
 async def test_codec_levels_through_two_sidecars(pair, level):
     if level not in codec.levels():
         pytest.skip(f"codec level {level!r} is not built here")
-    (prefill, decode), (p_local, d_local) = pair
+    (prefill, _), (p_local, d_local) = pair
     tokens = list(range(128))
     sent = await put_transfer(p_local, "t10", tokens, [(0, 128)], level=level)
     transfer = prefill.store.get("t10")
