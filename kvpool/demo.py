@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from kvpool import launch, models
-from kvpool.sidecar import completions
+from kvpool.sidecar import completions, vllm_args
 
 PROMPTS: tuple[str, ...] = (
     "The sky looks blue on a clear day because",
@@ -65,7 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder for logs and sockets (default: a new temporary folder)",
     )
-    parser.add_argument("--start-timeout", type=float, default=300.0,
+    parser.add_argument("--start-timeout", type=float, default=600.0,
                         help="seconds the processes may take to become ready")  # fmt: skip
 
 
@@ -140,11 +140,11 @@ def _serve(
     d_side = launcher.start_sidecar("decode-sidecar", level=level)
     prefill = launcher.start_engine(
         "prefill-vllm", model,
-        kv_transfer_config=launch.kvpool_transfer_config(p_side.addresses["local"]),
+        kv_transfer_config=vllm_args.kv_transfer_config(p_side.addresses["local"]),
     )  # fmt: skip
     decode = launcher.start_engine(
         "decode-vllm", model,
-        kv_transfer_config=launch.kvpool_transfer_config(d_side.addresses["local"]),
+        kv_transfer_config=vllm_args.kv_transfer_config(d_side.addresses["local"]),
     )  # fmt: skip
     launcher.wait_ready(p_side, d_side, timeout_s=args.start_timeout)
     router = launcher.start_router(

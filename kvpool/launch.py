@@ -512,15 +512,3 @@ def vllm_argv(
     if kv_transfer_config is not None:
         argv += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
     return argv + list(extra_args)
-
-
-def kvpool_transfer_config(sidecar_local: str, *, role: str = "kv_both") -> dict[str, Any]:
-    """``--kv-transfer-config`` of an engine whose KV goes through kvpool's connector to the
-    sidecar at ``sidecar_local``; a prompt whose KV cannot arrive is recomputed."""
-    return {
-        "kv_connector": "KVPoolConnector",
-        "kv_connector_module_path": "kvpool.sidecar.connector",
-        "kv_role": role,
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"sidecar": sidecar_local},
-    }

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import socket
 import statistics
@@ -41,7 +42,7 @@ from typing import Any
 from rich.console import Console
 
 from kvpool import launch, models
-from kvpool.sidecar import completions, netns
+from kvpool.sidecar import completions, netns, vllm_args
 
 SCENARIOS = {"loopback": None, "link_1gbit": "1gbit", "link_100mbit": "100mbit"}
 """Scenario name -> tc rate of the link between the sidecars (None: loopback)."""
@@ -101,7 +102,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {}
 
     def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
     return {"p50": round(statistics.median(ordered), 1), "p95": round(rank(0.95), 1)}
 
@@ -130,11 +131,11 @@ class Bench:
         self.decode_sock = launcher.socket_path("decode-sidecar")
         self.prefill = launcher.start_engine(
             "prefill-vllm", self.model,
-            kv_transfer_config=launch.kvpool_transfer_config(f"unix://{self.prefill_sock}"),
+            kv_transfer_config=vllm_args.kv_transfer_config(f"unix://{self.prefill_sock}"),
         )  # fmt: skip
         self.decode = launcher.start_engine(
             "decode-vllm", self.model,
-            kv_transfer_config=launch.kvpool_transfer_config(f"unix://{self.decode_sock}"),
+            kv_transfer_config=vllm_args.kv_transfer_config(f"unix://{self.decode_sock}"),
         )  # fmt: skip
         launcher.wait_ready(self.prefill, self.decode, timeout_s=600)
         self._round = 0

@@ -53,19 +53,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kvpool.sidecar import vllm_args
+
 log = logging.getLogger("kvpool.router")
 
 PREFILL, DECODE = "prefill", "decode"
-
-REMOTE_DECODE_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-"""``kv_transfer_params`` of the prefill request: keep the KV for a remote decode."""
 
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
@@ -345,9 +337,7 @@ class Router:
     async def _prefill(
         self, endpoint: str, body: dict[str, Any], headers: dict[str, str], push_to: str
     ) -> tuple[Worker, dict[str, Any], float]:
-        kv_params = dict(REMOTE_DECODE_PARAMS)
-        if push_to:
-            kv_params["kvpool_push_to"] = push_to
+        kv_params = vllm_args.prefill_params(push_to=push_to)
         prefill_body = copy.deepcopy(body)
         prefill_body.update(max_tokens=1, stream=False, kv_transfer_params=kv_params)
         if "max_completion_tokens" in prefill_body:
