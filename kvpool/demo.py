@@ -42,7 +42,19 @@ class Outcome:
     wire_bytes: float
     loaded: bool
     text: str
-    matches: bool
+    reference: str
+
+    @property
+    def matches(self) -> bool:
+        return self.text == self.reference
+
+    def same_words(self) -> str:
+        """How many leading words agree with the single engine's answer, as ``n/m``."""
+        ours, theirs = self.text.split(), self.reference.split()
+        same = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))
+        )
+        return f"{same}/{len(theirs)} words"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -180,7 +192,7 @@ def _serve(
             loaded=completions.delta(d_before, d_after, "kvpool_sidecar_transfers_total",
                                      side="decode", outcome="loaded") > 0,
             text=answer.text,
-            matches=answer.text == reference["choices"][0]["text"],
+            reference=reference["choices"][0]["text"],
         ))  # fmt: skip
     return outcomes, first_answer_s
 
@@ -197,13 +209,16 @@ def _report(console: Console, outcomes: list[Outcome], first_answer_s: float, le
             str(i), str(o.prompt_tokens), f"{o.ttft_s * 1000:.0f}", f"{o.prefill_ms:.0f}",
             _size(o.raw_bytes), _size(o.wire_bytes), ratio,
             "[green]yes[/]" if o.loaded else "[yellow]no: recomputed[/]",
-            "[green]yes[/]" if o.matches else "[yellow]no[/]",
+            "[green]yes[/]" if o.matches else f"[yellow]no: {o.same_words()}[/]",
         )  # fmt: skip
     console.print(table)
     for i, o in enumerate(outcomes, 1):
         prompt = o.prompt if len(o.prompt) < 60 else o.prompt[:57] + "..."
         answer = " ".join(o.text.split())
         console.print(f"[bold]{i}[/] {prompt!r}\n  -> {answer!r}", soft_wrap=True)
+    if level not in ("raw", "lossless") and not all(o.matches for o in outcomes):
+        console.print(f"[dim]level {level!r} is lossy: greedy decoding may take another path "
+                      "after a few tokens (--level lossless transfers the KV bit-exact)[/]")  # fmt: skip
     console.print(f"first answer {first_answer_s:.1f} s after start; demo took {total_s:.1f} s "
                   "(CPU engines on a shared machine)")  # fmt: skip
 
