@@ -9,7 +9,9 @@ measures over ``--requests`` requests each, p50 and p95 of:
 * ``kv_ms``: the KV time left exposed after prefill: from the prefill engine's answer
   (the router's ``x-kvpool-prefill-ms``) to the first token of decode -- the KV still on
   its way, its load into decode's cache, and decode's first step;
-* ``total_ms``: the whole request.
+* ``total_ms``: the whole request;
+* ``recomputed``: P/D requests whose KV did not arrive, so that decode recomputed the
+  prompt (counted by the decode sidecar): their ``kv_ms`` holds a whole prefill.
 
 Scenarios: ``loopback`` (both sidecars on this host), ``link_1gbit`` and ``link_100mbit``
 (each sidecar in its own network namespace, the veth pair between them rate-limited with
@@ -93,6 +95,8 @@ class Samples:
     total_ms: list[float] = field(default_factory=list)
     wire_bytes: list[float] = field(default_factory=list)
     raw_bytes: list[float] = field(default_factory=list)
+    recomputed: int = 0
+    """Requests whose KV did not arrive (decode recomputed the prompt)."""
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -182,7 +186,7 @@ class Bench:
 
     def run_pd(self, prompt_name: str, level: str, link: netns.Link | None) -> Samples:
         samples = Samples()
-        with self.pd(level, link) as (p_side, _d_side, router):
+        with self.pd(level, link) as (p_side, d_side, router):
             for prompt in self.prompts(prompt_name):
                 before = completions.scrape(p_side.addresses["metrics"]) if link is None else {}
                 answer = completions.stream_completion(router.url, self.body(prompt))
@@ -199,6 +203,13 @@ class Bench:
                     )
                     samples.raw_bytes.append(completions.delta(
                         before, after, "kvpool_sidecar_raw_bytes_total", direction="encoded"))  # fmt: skip
+            # the decode sidecar counts each transfer loaded or failed (a fresh one per run)
+            time.sleep(1.0)
+            wrap = link.exec_in("b") if link else ()
+            final = completions.scrape(d_side.addresses["metrics"], wrap=wrap)
+            loaded = completions.delta({}, final, "kvpool_sidecar_transfers_total",
+                                       side="decode", outcome="loaded")  # fmt: skip
+            samples.recomputed = max(0, self.args.requests - int(loaded))
         return samples
 
 
@@ -306,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(levels: {', '.join(codec.levels())}; make kernels builds the codec)")  # fmt: skip
     result: dict[str, Any] = {
         "ttft_ms": {}, "kv_ms": {}, "total_ms": {}, "wire_bytes": {}, "raw_bytes": {},
-        "skipped": {},
+        "recomputed": {}, "skipped": {},
         "config": {"requests": args.requests, "max_tokens": args.max_tokens, "level": args.level,
                    "prompts": {p: PROMPTS[p] for p in prompts}, "scenarios": scenarios,
                    "modes": modes, "model": models.DEFAULT_MODEL,
@@ -354,6 +365,8 @@ def _store(result: dict[str, Any], scenario: str, prompt: str, cell: dict[str, S
     for key in ("ttft_ms", "kv_ms", "total_ms"):
         values = {mode: percentiles(getattr(s, key)) for mode, s in cell.items()}
         result[key].setdefault(scenario, {})[prompt] = {m: v for m, v in values.items() if v}
+    recomputed = {mode: s.recomputed for mode, s in cell.items() if mode != "single"}
+    result["recomputed"].setdefault(scenario, {})[prompt] = recomputed
     if scenario == "loopback":
         for mode, s in cell.items():
             if s.wire_bytes:
