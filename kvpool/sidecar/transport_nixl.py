@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from kvpool.sidecar import transport
+
 log = logging.getLogger(__name__)
 
 _RELEASE = b"kvpool-release:"
@@ -50,7 +52,7 @@ def _crc32(data) -> int:
     return zlib.crc32(data)
 
 
-class TransportError(RuntimeError):
+class TransportError(transport.TransportError):
     """A chunk could not be moved (peer unknown or gone, transfer error, bad checksum)."""
 
 
@@ -394,3 +396,79 @@ class NixlSink(_Endpoint):
             return call(handle)
         except Exception as exc:  # nixlRemoteDisconnectError and the like
             raise TransportError(f"READ from {loc.agent} failed: {exc}") from exc
+
+
+class NixlPeerTransport(transport.GrpcTransport):
+    """The sidecar's ``--transport nixl``: the Peer gRPC stream carries the control
+    messages (and each chunk's location), NIXL moves the payloads.
+
+    The sending sidecar publishes each payload into its :class:`NixlSource` and puts the
+    location on the stream instead; the header carries its agent metadata once per stream.
+    The receiving sidecar loads that metadata (once per agent), pulls the payload into its
+    :class:`NixlSink` and hands the message on with the payload filled in, so the rest of
+    the sidecar (CRC check, decode) does not know which transport ran. Both sidecars of a
+    pool use the same transport (the pool's ``transfer.transport``).
+    """
+
+    def __init__(self, credentials=None, *, slots: int = 64, slot_bytes: int = 16 << 20,
+                 device: str = "cpu", lease_s: float = 120.0, timeout_s: float = 30.0) -> None:
+        super().__init__(credentials)
+        self.source = NixlSource("kvpool-prefill", slots=slots, slot_bytes=slot_bytes,
+                                 device=device, lease_s=lease_s)
+        self.sink = NixlSink("kvpool-decode", slots=4, slot_bytes=slot_bytes, device=device)
+        self.timeout_s = timeout_s
+        self._metadata = self.source.metadata()
+        self._agents: dict[bytes, str] = {}
+
+    async def _run(self, fn, *args):
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def outgoing(self, messages):
+        from kvpool.sidecar.proto import sidecar_pb2 as pb
+
+        async for message in messages:
+            kind = message.WhichOneof("item")
+            if kind == "header":
+                header = pb.TransferHeader()
+                header.CopyFrom(message.header)
+                header.nixl_metadata = self._metadata
+                message = pb.PeerMessage(header=header)
+            elif kind == "chunk" and message.chunk.payload:
+                loc = await self._run(self.source.publish, message.chunk.payload, self.timeout_s)
+                chunk = pb.WireChunk()
+                chunk.CopyFrom(message.chunk)
+                chunk.payload = b""
+                chunk.nixl_location = loc.to_bytes()
+                message = pb.PeerMessage(chunk=chunk)
+            yield message
+
+    async def incoming(self, message):
+        import hashlib
+
+        kind = message.WhichOneof("item")
+        if kind == "header" and message.header.nixl_metadata:
+            digest = hashlib.sha256(message.header.nixl_metadata).digest()
+            if digest not in self._agents:
+                try:
+                    self._agents[digest] = self.sink.add_peer(message.header.nixl_metadata)
+                except Exception as exc:  # the bindings raise their own error types
+                    raise TransportError(f"cannot load the peer's NIXL metadata: {exc}") from exc
+        elif kind == "chunk" and message.chunk.nixl_location:
+            loc = ChunkLocation.from_bytes(message.chunk.nixl_location)
+            message.chunk.payload = await self._run(self.sink.pull, loc, self.timeout_s)
+            message.chunk.nixl_location = b""
+        return message
+
+    async def pull(self, peer, transfer_id, model, *, timeout):
+        async for message in super().pull(peer, transfer_id, model, timeout=timeout):
+            yield await self.incoming(message)
+
+    async def push(self, peer, messages, *, timeout):
+        return await super().push(peer, self.outgoing(messages), timeout=timeout)
+
+    async def close(self) -> None:
+        await super().close()
+        self.source.close()
+        self.sink.close()

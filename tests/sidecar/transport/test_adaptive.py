@@ -11,7 +11,12 @@ import pytest
 
 from kvpool.kernels import LEVELS
 from kvpool.sidecar.adaptive import (
-    CODEC_LEVELS, RAW, RECOMPUTE, CodecModel, LevelPolicy, ThroughputEstimator,
+    CODEC_LEVELS,
+    RAW,
+    RECOMPUTE,
+    CodecModel,
+    LevelPolicy,
+    ThroughputEstimator,
     TransferDeadline,
 )
 from kvpool.sidecar.health import TransferHealth
