@@ -18,6 +18,7 @@ namespace in the tests and ``kvpool bench transfer``); both print JSON lines on 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import threading
@@ -42,14 +43,12 @@ METHOD = f"/{SERVICE}/Stream"
 
 def _stream(requests, context):
     """Ack each chunk on arrival (its CRC checked), then decode it."""
-    decoded = 0
-    for chunk in requests:
+    for n, chunk in enumerate(requests, start=1):
         ok = google_crc32c.value(chunk.payload) == chunk.crc32c
-        yield pb.PushReply(chunks=decoded + 1 if ok else 0)
+        yield pb.PushReply(chunks=n if ok else 0)
         if not ok:
             context.abort(grpc.StatusCode.DATA_LOSS, f"chunk {chunk.key.layer}: CRC-32C mismatch")
         codec.decode(chunk.payload, chunk.level)
-        decoded += 1
 
 
 def serve(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int]:
@@ -141,14 +140,12 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
     ready = threading.Condition()
 
     def requests():
-        i = 0
-        while True:
+        for i in itertools.count():
             with ready:
-                ready.wait_for(lambda: len(outbox) > i)
+                ready.wait_for(lambda i=i: len(outbox) > i)
                 item = outbox[i]
             if item is None:
                 return
-            i += 1
             yield item
 
     try:

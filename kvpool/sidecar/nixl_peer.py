@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import traceback
 from multiprocessing.connection import Connection
+from typing import Self
 
 from kvpool.sidecar.transport_nixl import ChunkLocation, TransportError
 
@@ -20,7 +21,7 @@ def _serve(conn: Connection, options: dict) -> None:
 
     try:
         source = NixlSource(**options)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     stored = b""
@@ -48,7 +49,7 @@ def _serve(conn: Connection, options: dict) -> None:
                 else:
                     raise ValueError(f"unknown operation {op!r}")
                 conn.send(("ok", reply))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
                 conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
@@ -111,7 +112,7 @@ class SourceProcess:
                 self._proc.join(10)
         self._conn.close()
 
-    def __enter__(self) -> SourceProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

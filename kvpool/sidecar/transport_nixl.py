@@ -387,7 +387,7 @@ class NixlSink(_Endpoint):
         finally:
             try:
                 self.agent.release_xfer_handle(handle)
-            except Exception:  # an in-flight READ that cannot be cancelled stays with NIXL
+            except Exception:  # noqa: BLE001 - an in-flight READ NIXL cannot cancel stays with it
                 log.warning("%s: could not release a transfer handle", self.name)
 
     @staticmethod

@@ -97,7 +97,7 @@ async def test_mtls_between_sidecars_and_a_stranger_refused(make_pair, tmp_path)
     bundle = tls.generate_bundle()
     bundle.write(tmp_path / "pool-tls")
     tls.generate_bundle().write(tmp_path / "other-tls")
-    (prefill, p_local), (decode, d_local) = await make_pair(
+    (prefill, p_local), (_decode, d_local) = await make_pair(
         {"tls_dir": str(tmp_path / "pool-tls")}, {"tls_dir": str(tmp_path / "pool-tls")})
     sent = await put_levels(p_local, "s1", ["raw"] * LAYERS)
     got, _ = await load_all(d_local, pb.LoadRequest(
