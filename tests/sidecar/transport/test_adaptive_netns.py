@@ -5,13 +5,12 @@ the sender's side rate-limited by a tc tbf qdisc whose rate drops mid-stream fro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
+from kvpool.sidecar import netns
 from kvpool.sidecar.adaptive import RAW, RECOMPUTE
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -21,44 +20,19 @@ DROP_AFTER = 6  # chunks sent at 1 Gbit/s before the rate drops
 REACTION = 4  # chunks the sender may take to notice
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
-def _tbf(ns: str, dev: str, op: str, rate: str, burst: str) -> None:
-    _ip("netns", "exec", ns, "tc", "qdisc", op, "dev", dev, "root", "tbf",
-        "rate", rate, "burst", burst, "latency", "20ms")
-
-
 @pytest.fixture
 def link():
-    """Namespaces ``a`` (sender) and ``b`` (receiver), 10.77.0.1 <-> 10.77.0.2, 1 Gbit/s."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    tag = uuid.uuid4().hex[:6]
-    a, b = f"kvt-a-{tag}", f"kvt-b-{tag}"
-    try:
-        _ip("netns", "add", a)
-    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc}")
-    try:
-        _ip("netns", "add", b)
-        _ip("link", "add", f"va{tag}", "netns", a, "type", "veth", "peer", "name", f"vb{tag}",
-            "netns", b)
-        for ns, dev, addr in ((a, f"va{tag}", "10.77.0.1/30"), (b, f"vb{tag}", "10.77.0.2/30")):
-            _ip("netns", "exec", ns, "ip", "addr", "add", addr, "dev", dev)
-            _ip("netns", "exec", ns, "ip", "link", "set", dev, "up")
-            _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        _tbf(a, f"va{tag}", "add", "1gbit", "1mb")
-        yield {"a": a, "b": b, "dev": f"va{tag}"}
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20, check=False)
+    """Namespaces ``a`` (sender) and ``b`` (receiver) joined by a 1 Gbit/s veth pair."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with netns.Link("1gbit", latency_ms=20) as made:
+        yield made
 
 
-def _spawn(ns: str, *args: str) -> subprocess.Popen:
+def _spawn(link: netns.Link, side: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "kvpool.sidecar.linkstream", *args],
+        [*link.exec_in(side), sys.executable, "-m", "kvpool.sidecar.linkstream", *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
 
@@ -84,11 +58,11 @@ def test_levels_drop_with_the_link_and_the_request_meets_its_deadline(link, real
     # 100 Mbit/s; after: the best level (x1.6 margins: a busy machine jitters).
     deadline = (DROP_AFTER * chunk / (1e9 / 8) * 3 + 2 * chunk / slow
                 + (layers - DROP_AFTER - 2) * best * 1.6)
-    receiver = _spawn(link["b"], "serve", "--host", "10.77.0.2")
+    receiver = _spawn(link, "b", "serve", "--host", link.address("b"))
     sender = None
     try:
         port = _line(receiver)["port"]
-        sender = _spawn(link["a"], "send", "--target", f"10.77.0.2:{port}", "--tokens",
+        sender = _spawn(link, "a", "send", "--target", f"{link.address('b')}:{port}", "--tokens",
                         str(TOKENS), "--policy", "adaptive", "--deadline", f"{deadline:.3f}",
                         "--initial-mbps", "1000", "--wait")
         assert _line(sender)["chunks"] == layers
@@ -100,7 +74,7 @@ def test_levels_drop_with_the_link_and_the_request_meets_its_deadline(link, real
             if msg["event"] == "chunk":
                 chunks.append(msg)
                 if len(chunks) == DROP_AFTER:
-                    _tbf(link["a"], link["dev"], "change", "100mbit", "128kb")
+                    link.set_rate("100mbit")
             else:
                 done = msg
         assert sender.wait(30) == 0
