@@ -119,8 +119,9 @@ class Link:
                 self._shape(side, "add", self.rate)
 
     def _shape(self, side: str, op: str, rate: str) -> None:
-        # burst: a few ms of traffic, and at least one 64 KiB GSO segment
-        burst = max(int(rate_bits(rate) / 8 * self.burst_s), 65536 + 1514)
+        # burst: a few ms of traffic, and at least two 64 KiB GSO segments (a segment larger
+        # than the bucket is never sent: the TCP stream stalls, seen after `tc qdisc change`)
+        burst = max(int(rate_bits(rate) / 8 * self.burst_s), 2 * (65536 + 1514))
         _run("tc", "-n", self.namespaces[side], "qdisc", op, "dev", self.devices[side], "root",
              "tbf", "rate", rate, "burst", str(burst), "latency", f"{self.latency_ms}ms")
 

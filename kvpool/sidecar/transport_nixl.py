@@ -61,7 +61,11 @@ class TransportTimeout(TransportError, TimeoutError):
 
 
 def _nixl():
-    """Import NIXL's Python API (kept out of module import: the sidecar loads without it)."""
+    """Import NIXL's Python API (kept out of module import: the sidecar loads without it).
+
+    NIXL logs INFO lines to stdout, where our commands print their JSON: only its warnings
+    are kept (on NIXL's own handler), unless ``NIXL_LOG_LEVEL`` says otherwise."""
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     try:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
     except ImportError as exc:  # pragma: no cover - depends on the installation
