@@ -11,8 +11,9 @@ Three measurements, all on real KV of SmolLM2-135M (``kvpool.sidecar.realkv``):
   copy between two shared-memory buffers, measured in the same run;
 - ``adaptive``: a link dropping from 1 Gbit/s to 100 Mbit/s mid-stream; for the adaptive
   policy and each fixed level, the fraction of chunks on time for a deadline and
-  ``greedy_match``: the fraction of 32 greedy tokens the model generates from the KV
-  delivered (at the levels chosen; a recompute is exact) equal to those from the raw KV.
+  ``greedy_match``: of 32 greedy tokens generated from the raw KV, the fraction the model
+  also picks (fed the same tokens) from the KV delivered at the levels chosen (a recompute
+  is exact).
 
 Parts that cannot run here (no network namespaces, NIXL over a namespace link) are null,
 with the reason under ``skipped``. Progress goes to stderr.
@@ -226,18 +227,21 @@ def greedy_match(tokens: int, levels: list[str], steps: int = 32) -> float:
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
     heads = lm.config.num_key_value_heads
 
-    def generate(ks, vs) -> list[int]:
+    def generate(ks, vs, forced: list[int] | None = None) -> list[int]:
+        """Greedy tokens after the prompt; with ``forced``, the model is fed those tokens
+        (teacher forcing) and its own choice at each step is returned, so that one early
+        difference does not count as all the later ones."""
         cache = DynamicCache()
         for layer, (k, v) in enumerate(zip(ks, vs)):
-            shape = (1, k.shape[0], heads, k.shape[1] // heads)
+            shape = (1, k.shape[0] - 1, heads, k.shape[1] // heads)  # the last token is fed
             cache.update(k[:-1].float().reshape(shape).transpose(1, 2),
                          v[:-1].float().reshape(shape).transpose(1, 2), layer)
         out, token = [], ids[:, -1:]
         with torch.inference_mode():
-            for _ in range(steps):
+            for step in range(steps):
                 result = lm(token, past_key_values=cache, use_cache=True)
-                token = result.logits[:, -1:].argmax(-1)
-                out.append(int(token))
+                out.append(int(result.logits[0, -1].argmax()))
+                token = torch.tensor([[forced[step] if forced else out[-1]]])
         return out
 
     reference = generate(keys, values)
@@ -249,7 +253,7 @@ def greedy_match(tokens: int, levels: list[str], steps: int = 32) -> float:
 
         ks.append(chunks.from_bytes(back.keys, back.dtype, back.width))
         vs.append(chunks.from_bytes(back.values, back.dtype, back.width))
-    got = generate(ks, vs)
+    got = generate(ks, vs, forced=reference)
     return sum(a == b for a, b in zip(reference, got)) / steps
 
 
