@@ -461,8 +461,9 @@ def engine_env(rpc_dir: str | os.PathLike[str], *, kvcache_gib: int = 1) -> dict
 
     - ``VLLM_CPU_KVCACHE_SPACE``: KV cache size in GiB; without it the memory check fails.
     - ``VLLM_RPC_BASE_PATH``: its IPC socket files go to ``rpc_dir``, not the shared /tmp.
-    - The OpenAI server always runs its engine core in a child process (spawned: it
-      imports vLLM again), whatever ``VLLM_ENABLE_V1_MULTIPROCESSING`` says.
+    - ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the model runs inside the engine-core process
+      (vLLM's CPU platform otherwise adds a third process per engine, another full vLLM
+      import). The OpenAI server still runs its engine core in a child process.
     - ``VLLM_CPU_OMP_THREADS_BIND=nobind``: several engines share a few cores; pinning
       each to the same cores would serialize them.
     - Offline: no usage statistics, no hub look-ups.
@@ -472,6 +473,7 @@ def engine_env(rpc_dir: str | os.PathLike[str], *, kvcache_gib: int = 1) -> dict
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
         "VLLM_RPC_BASE_PATH": str(rpc),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
@@ -512,15 +514,3 @@ def vllm_argv(
     if kv_transfer_config is not None:
         argv += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
     return argv + list(extra_args)
-
-
-def kvpool_transfer_config(sidecar_local: str, *, role: str = "kv_both") -> dict[str, Any]:
-    """``--kv-transfer-config`` of an engine whose KV goes through kvpool's connector to the
-    sidecar at ``sidecar_local``; a prompt whose KV cannot arrive is recomputed."""
-    return {
-        "kv_connector": "KVPoolConnector",
-        "kv_connector_module_path": "kvpool.sidecar.connector",
-        "kv_role": role,
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"sidecar": sidecar_local},
-    }

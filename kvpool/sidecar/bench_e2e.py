@@ -9,7 +9,9 @@ measures over ``--requests`` requests each, p50 and p95 of:
 * ``kv_ms``: the KV time left exposed after prefill: from the prefill engine's answer
   (the router's ``x-kvpool-prefill-ms``) to the first token of decode -- the KV still on
   its way, its load into decode's cache, and decode's first step;
-* ``total_ms``: the whole request.
+* ``total_ms``: the whole request;
+* ``recomputed``: P/D requests whose KV did not arrive, so that decode recomputed the
+  prompt (counted by the decode sidecar): their ``kv_ms`` holds a whole prefill.
 
 Scenarios: ``loopback`` (both sidecars on this host), ``link_1gbit`` and ``link_100mbit``
 (each sidecar in its own network namespace, the veth pair between them rate-limited with
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import socket
 import statistics
@@ -41,7 +44,7 @@ from typing import Any
 from rich.console import Console
 
 from kvpool import launch, models
-from kvpool.sidecar import completions, netns
+from kvpool.sidecar import completions, netns, vllm_args
 
 SCENARIOS = {"loopback": None, "link_1gbit": "1gbit", "link_100mbit": "100mbit"}
 """Scenario name -> tc rate of the link between the sidecars (None: loopback)."""
@@ -93,6 +96,7 @@ class Samples:
     wire_bytes: list[float] = field(default_factory=list)
     raw_bytes: list[float] = field(default_factory=list)
     recomputed: int = 0
+    """Requests whose KV did not arrive (decode recomputed the prompt)."""
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -102,7 +106,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {}
 
     def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
     return {"p50": round(statistics.median(ordered), 1), "p95": round(rank(0.95), 1)}
 
@@ -131,11 +135,11 @@ class Bench:
         self.decode_sock = launcher.socket_path("decode-sidecar")
         self.prefill = launcher.start_engine(
             "prefill-vllm", self.model,
-            kv_transfer_config=launch.kvpool_transfer_config(f"unix://{self.prefill_sock}"),
+            kv_transfer_config=vllm_args.kv_transfer_config(f"unix://{self.prefill_sock}"),
         )  # fmt: skip
         self.decode = launcher.start_engine(
             "decode-vllm", self.model,
-            kv_transfer_config=launch.kvpool_transfer_config(f"unix://{self.decode_sock}"),
+            kv_transfer_config=vllm_args.kv_transfer_config(f"unix://{self.decode_sock}"),
         )  # fmt: skip
         launcher.wait_ready(self.prefill, self.decode, timeout_s=600)
         self._round = 0
@@ -182,7 +186,7 @@ class Bench:
 
     def run_pd(self, prompt_name: str, level: str, link: netns.Link | None) -> Samples:
         samples = Samples()
-        with self.pd(level, link) as (p_side, _d_side, router):
+        with self.pd(level, link) as (p_side, d_side, router):
             for prompt in self.prompts(prompt_name):
                 before = completions.scrape(p_side.addresses["metrics"]) if link is None else {}
                 answer = completions.stream_completion(router.url, self.body(prompt))
@@ -199,6 +203,13 @@ class Bench:
                     )
                     samples.raw_bytes.append(completions.delta(
                         before, after, "kvpool_sidecar_raw_bytes_total", direction="encoded"))  # fmt: skip
+            # the decode sidecar counts each transfer loaded or failed (a fresh one per run)
+            time.sleep(1.0)
+            wrap = link.exec_in("b") if link else ()
+            final = completions.scrape(d_side.addresses["metrics"], wrap=wrap)
+            loaded = completions.delta({}, final, "kvpool_sidecar_transfers_total",
+                                       side="decode", outcome="loaded")  # fmt: skip
+            samples.recomputed = max(0, self.args.requests - int(loaded))
         return samples
 
 
@@ -354,6 +365,8 @@ def _store(result: dict[str, Any], scenario: str, prompt: str, cell: dict[str, S
     for key in ("ttft_ms", "kv_ms", "total_ms"):
         values = {mode: percentiles(getattr(s, key)) for mode, s in cell.items()}
         result[key].setdefault(scenario, {})[prompt] = {m: v for m, v in values.items() if v}
+    recomputed = {mode: s.recomputed for mode, s in cell.items() if mode != "single"}
+    result["recomputed"].setdefault(scenario, {})[prompt] = recomputed
     if scenario == "loopback":
         for mode, s in cell.items():
             if s.wire_bytes:
@@ -377,7 +390,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         ax.bar([x + i * width for x in range(len(cells))], values, width, label=mode)
     ax.set_xticks([x + width for x in range(len(cells))], [f"{s}\n{p}" for s, p in cells])
     ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title("kvpool: TTFT, one engine vs prefill/decode (CPU, shared machine)")
+    ax.set_title("TTFT: one engine vs prefill/decode (CPU)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
