@@ -116,11 +116,22 @@ class Link:
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run("ip", "-n", ns, "link", "set", dev, "up")
             if self.rate is not None:
-                # burst: a few ms of traffic, and at least one 64 KiB GSO segment
-                burst = max(int(rate_bits(self.rate) / 8 * self.burst_s), 65536 + 1514)
-                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
-                     "rate", self.rate, "burst", str(burst),
-                     "latency", f"{self.latency_ms}ms")  # fmt: skip
+                self._shape(side, "add", self.rate)
+
+    def _shape(self, side: str, op: str, rate: str) -> None:
+        # burst: a few ms of traffic, and at least two 64 KiB GSO segments (a segment larger
+        # than the bucket is never sent: the TCP stream stalls, seen after `tc qdisc change`)
+        burst = max(int(rate_bits(rate) / 8 * self.burst_s), 2 * (65536 + 1514))
+        _run("tc", "-n", self.namespaces[side], "qdisc", op, "dev", self.devices[side], "root",
+             "tbf", "rate", rate, "burst", str(burst), "latency", f"{self.latency_ms}ms")
+
+    def set_rate(self, rate: str) -> None:
+        """Change the rate of both directions now, traffic flowing or not (a link whose
+        bandwidth drops mid-stream)."""
+        rate_bits(rate)
+        for side in SIDES:
+            self._shape(side, "change" if self.rate is not None else "add", rate)
+        self.rate = rate
 
     def _remove(self) -> None:
         # deleting a namespace deletes its end of the veth pair, and with it the other end
