@@ -212,49 +212,23 @@ def transfer_matrix(tokens: int, skipped: dict) -> dict:
 
 def greedy_match(tokens: int, levels: list[str], steps: int = 32) -> float:
     """Fraction of ``steps`` greedy tokens generated from the KV as delivered (each layer
-    at its level; a recompute is exact) equal to those generated from the raw KV."""
-    import torch
-    from transformers import DynamicCache
-
-    from kvpool import models
-    from kvpool.sidecar import codec, linkstream, realkv
+    at its level; a recompute is exact) equal to those generated from the original KV
+    (teacher-forced, as :class:`kvpool.kernels.quality.QualityHarness` measures it)."""
+    from kvpool import kernels
+    from kvpool.kernels.quality import QualityHarness
+    from kvpool.sidecar import chunks, codec, linkstream, realkv
 
     if "recompute" in levels:
         return 1.0
-    keys, values = realkv.prompt_kv(tokens)
-    lm, tokenizer = realkv._model()
-    text = models.sample_text(min_chars=tokens * 8)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
-    heads = lm.config.num_key_value_heads
-
-    def generate(ks, vs, forced: list[int] | None = None) -> list[int]:
-        """Greedy tokens after the prompt; with ``forced``, the model is fed those tokens
-        (teacher forcing) and its own choice at each step is returned, so that one early
-        difference does not count as all the later ones."""
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(zip(ks, vs)):
-            shape = (1, k.shape[0] - 1, heads, k.shape[1] // heads)  # the last token is fed
-            cache.update(k[:-1].float().reshape(shape).transpose(1, 2),
-                         v[:-1].float().reshape(shape).transpose(1, 2), layer)
-        out, token = [], ids[:, -1:]
-        with torch.inference_mode():
-            for step in range(steps):
-                result = lm(token, past_key_values=cache, use_cache=True)
-                out.append(int(result.logits[0, -1].argmax()))
-                token = torch.tensor([[forced[step] if forced else out[-1]]])
-        return out
-
-    reference = generate(keys, values)
-    raws = linkstream.layer_chunks(keys, values)
+    real = realkv.prompt(tokens)
+    harness = QualityHarness(real, greedy_tokens=steps, ppl_tokens=1)
+    raws = linkstream.layer_chunks(real.kv.keys, real.kv.values)
     ks, vs = [], []
     for raw, level in zip(raws, levels + ["raw"] * (len(raws) - len(levels))):
         back = codec.decode(codec.encode(raw, level), level)
-        from kvpool.sidecar import chunks
-
         ks.append(chunks.from_bytes(back.keys, back.dtype, back.width))
         vs.append(chunks.from_bytes(back.values, back.dtype, back.width))
-    got = generate(ks, vs, forced=reference)
-    return sum(a == b for a, b in zip(reference, got)) / steps
+    return harness.measure(kernels.KVCache(keys=ks, values=vs)).greedy_match
 
 
 def adaptive_runs(tokens: int, skipped: dict) -> dict | None:
