@@ -16,9 +16,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from kvpool import launch
 
 ENGINE_START_S = 900
 """The engines start in 20-80 s alone; on a 2-core machine shared with other work, minutes."""
@@ -171,3 +174,34 @@ def pd(tmp_path_factory):
     finally:
         for process in reversed(started):
             process.stop()
+
+
+# ---- plain engines (no KV connector) started with kvpool.launch, for the router tests ----
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from kvpool import models
+
+    try:
+        return models.model_dir()
+    except models.ModelNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def engine_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launch.Launcher]:
+    """A launcher for processes shared by the session (all stopped at its end)."""
+    with launch.Launcher(tmp_path_factory.mktemp("engines")) as launcher:
+        yield launcher
+
+
+@pytest.fixture(scope="session")
+def plain_engines(
+    engine_launcher: launch.Launcher, model_path: Path
+) -> tuple[launch.Process, launch.Process]:
+    """Two vLLM engines without a KV connector, started together (20-40 s each alone)."""
+    first = engine_launcher.start_engine("engine-a", model_path, max_model_len=4096)
+    second = engine_launcher.start_engine("engine-b", model_path, max_model_len=4096)
+    engine_launcher.wait_ready(first, second, timeout_s=ENGINE_START_S)
+    return first, second

@@ -1,0 +1,284 @@
+"""The ``KVCachePool`` API, version ``kvpool.dev/v1alpha1``: its one annotated definition.
+
+Everything else is generated from the dataclasses below: the CRD's structural schema
+with defaults, enums, bounds and CEL rules (:mod:`kvpool.operator.crd`), and the typed,
+defaulted spec the operator renders children from (:func:`load_spec`).
+
+Scaling. A CRD has one ``scale`` subresource; here it drives the **decode** role
+(``spec.decode.replicas``, selector in ``status.decode.selector``), the role that grows with
+the number of concurrent generations: ``kubectl scale kvp/NAME --replicas N`` and an HPA
+whose ``scaleTargetRef`` is the KVCachePool both scale decode. Any role (prefill, decode)
+can instead set ``autoscaled: true``: the operator then leaves ``spec.replicas`` out of
+what it applies to that role's Deployment (``<pool>-prefill`` / ``<pool>-decode``), so
+with server-side apply the HPA that targets that Deployment owns the replica count and the
+operator never fights it. ``docs/operator.md`` shows both HPAs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from kvpool.operator import schema
+from kvpool.operator.schema import Embedded, Quantity, Rule, field
+
+GROUP = "kvpool.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "KVCachePool"
+PLURAL = "kvcachepools"
+SINGULAR = "kvcachepool"
+SHORT_NAMES = ("kvp",)
+CATEGORIES = ("kvpool",)
+
+MAX_NAME_LENGTH = 46
+"""A pool's name is at most this long, leaving room for the suffixes of its children's
+names (``-prefill``, then the ReplicaSet and Pod hashes) within a DNS label (63)."""
+
+ROLES = ("prefill", "decode")
+"""The worker roles, in the order they are rendered and reported."""
+
+TransportName = Literal["grpc", "nixl"]
+CodecName = Literal["cachegen", "raw"]
+FailurePolicy = Literal["recompute", "fail"]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The model both roles serve."""
+
+    name: str = field(
+        "Model to load: a Hugging Face repo id or a path inside the worker image "
+        "(vLLM --model).",
+        max_length=253,
+        pattern=r"^\S+$",
+    )
+    served_name: str | None = field(
+        "Name clients use in the OpenAI API (vLLM --served-model-name); default: name.",
+        max_length=253,
+        default=None,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Resources:
+    """CPU and memory for a container (GPUs are asked for with the role's gpus field)."""
+
+    requests: dict[str, Quantity] = field(
+        "Minimum resources, e.g. {cpu: 4, memory: 16Gi}.", default={}, max_properties=16
+    )
+    limits: dict[str, Quantity] = field(
+        "Maximum resources, e.g. {memory: 32Gi}.", default={}, max_properties=16
+    )
+
+    __cel__ = (
+        Rule(
+            "!('nvidia.com/gpu' in self.requests) && !('nvidia.com/gpu' in self.limits)",
+            "GPUs are set with the role's gpus field, not in resources",
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoleSpec:
+    """One worker role (prefill or decode): a Deployment of vLLM + kvpool sidecar pods."""
+
+    replicas: int = field("Number of worker pods.", default=1, minimum=0, maximum=1000)
+    autoscaled: bool = field(
+        "When true the operator does not set the Deployment's replicas, so that an HPA "
+        "targeting the role's Deployment owns them.",
+        default=False,
+    )
+    gpus: int = field(
+        "nvidia.com/gpu per worker pod (vLLM --tensor-parallel-size); 0 runs on CPU.",
+        default=1,
+        minimum=0,
+        maximum=16,
+    )
+    resources: Resources = field("CPU and memory of the vLLM container.", default=Resources())
+    vllm_args: list[str] = field(
+        "Extra vLLM arguments, appended after the ones the operator sets.",
+        default=[],
+        max_items=64,
+        name="vllmArgs",
+    )
+    node_selector: dict[str, str] = field(
+        "Node labels the worker pods must match.", default={}, max_properties=32
+    )
+    tolerations: list[Embedded] = field(
+        "Pod tolerations (core/v1 Toleration).", default=[], max_items=32
+    )
+    affinity: Embedded | None = field("Pod affinity (core/v1 Affinity).", default=None)
+    max_unavailable: int = field(
+        "Pods of this role a voluntary disruption may take down at once (PodDisruptionBudget).",
+        default=1,
+        minimum=0,
+        maximum=1000,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransferSpec:
+    """How the KV cache moves from prefill to decode."""
+
+    transport: TransportName = field(
+        "grpc: sidecar-to-sidecar gRPC streams; nixl: GPU memory over NIXL/UCX (needs GPUs).",
+        default="grpc",
+    )
+    codec: CodecName = field(
+        "cachegen: CacheGen-style compression; raw: the KV bytes as vLLM holds them.",
+        default="cachegen",
+    )
+    level: str = field(
+        "Compression level (0 = most precise) or 'adaptive' (picked per chunk from the "
+        "measured throughput).",
+        default="adaptive",
+        pattern=r"^(adaptive|[0-9])$",
+    )
+    lossless: bool = field(
+        "Encode without quantization (bit-exact KV); cachegen only.", default=False
+    )
+    block_size: int = field(
+        "vLLM KV block size in tokens (--block-size), the same for both roles.",
+        default=16,
+        minimum=1,
+        maximum=256,
+    )
+    chunk_tokens: int = field(
+        "Tokens per transferred chunk; a multiple of blockSize.",
+        default=256,
+        minimum=16,
+        maximum=8192,
+    )
+    failure_policy: FailurePolicy = field(
+        "When KV cannot arrive: recompute the prefill on decode, or fail the request.",
+        default="recompute",
+    )
+    timeout_ms: int = field(
+        "How long decode waits for a chunk before applying failurePolicy.",
+        default=5000,
+        minimum=10,
+        maximum=600000,
+    )
+
+    __cel__ = (
+        Rule(
+            "self.chunkTokens % self.blockSize == 0",
+            "chunkTokens must be a multiple of blockSize",
+            ".chunkTokens",
+        ),
+        Rule(
+            "self.codec == 'cachegen' || (self.level == 'adaptive' && !self.lossless)",
+            "level and lossless apply to the cachegen codec only",
+            ".codec",
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RouterSpec:
+    """The OpenAI-compatible router in front of the pool."""
+
+    replicas: int = field("Router pods.", default=1, minimum=1, maximum=100)
+    service_type: ServiceType = field("Type of the router Service.", default="ClusterIP")
+    port: int = field("Port of the router Service.", default=8000, minimum=1, maximum=65535)
+    resources: Resources = field(
+        "Router container resources.",
+        default=Resources(requests={"cpu": "250m", "memory": "256Mi"}),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SidecarSpec:
+    """The kvpool sidecar beside each vLLM worker (encodes, sends, receives, decodes KV)."""
+
+    image: str | None = field(
+        "Image with the kvpool command; default: the operator's own image.",
+        max_length=512,
+        default=None,
+    )
+    resources: Resources = field(
+        "Sidecar container resources.",
+        default=Resources(requests={"cpu": "500m", "memory": "1Gi"}),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVCachePoolSpec:
+    """Desired state of a pool of prefill and decode vLLM workers sharing compressed KV."""
+
+    model: ModelSpec = field("The model served.")
+    image: str = field(
+        "Worker image: vLLM with the kvpool package installed.", max_length=512, pattern=r"^\S+$"
+    )
+    prefill: RoleSpec = field("Prefill workers.", default=RoleSpec())
+    decode: RoleSpec = field("Decode workers.", default=RoleSpec())
+    transfer: TransferSpec = field("KV transfer settings.", default=TransferSpec())
+    router: RouterSpec = field("Router settings.", default=RouterSpec())
+    sidecar: SidecarSpec = field("Sidecar settings.", default=SidecarSpec())
+
+    __cel__ = (
+        Rule("self.decode.replicas >= 1", "decode.replicas must be at least 1", ".decode.replicas"),
+        Rule(
+            "self.transfer.transport != 'nixl' || (self.prefill.gpus >= 1 && self.decode.gpus >= 1)",
+            "transport nixl needs a GPU in both roles (prefill.gpus and decode.gpus >= 1)",
+            ".transfer.transport",
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoleStatus:
+    """Observed state of one role."""
+
+    desired: int = field("Replicas wanted.", default=0, minimum=0)
+    replicas: int = field("Pods that exist (scale subresource status).", default=0, minimum=0)
+    ready: int = field("Pods ready.", default=0, minimum=0)
+    readiness: str = field("ready/desired, for kubectl.", default="0/0")
+    selector: str | None = field(
+        "Label selector of the role's pods (for the scale subresource).", default=None
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Condition:
+    """A metav1.Condition."""
+
+    type: str = field("Ready, Progressing or Degraded.", max_length=316)
+    status: ConditionStatus = field("True, False or Unknown.")
+    reason: str = field("CamelCase reason.", max_length=1024)
+    message: str = field("Human-readable details.", default="", max_length=32768)
+    last_transition_time: str = field("When status last changed (RFC 3339).")
+    observed_generation: int | None = field(
+        "metadata.generation this condition is about.", default=None
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVCachePoolStatus:
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = field(
+        "The spec generation this status describes.", default=None
+    )
+    prefill: RoleStatus | None = field("Prefill role.", default=None)
+    decode: RoleStatus | None = field("Decode role.", default=None)
+    router: RoleStatus | None = field("Router.", default=None)
+    router_endpoint: str | None = field(
+        "URL of the router's OpenAI API inside the cluster.", default=None
+    )
+    inputs_hash: str | None = field(
+        "Hash of everything the children were rendered from.", default=None
+    )
+    conditions: list[Condition] = field(
+        "Ready, Progressing, Degraded.",
+        default=[],
+        extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+def load_spec(raw: Any) -> KVCachePoolSpec:
+    """The typed, defaulted spec of a pool (raises :class:`schema.SpecError` when malformed)."""
+    return schema.load(KVCachePoolSpec, raw, "spec")
