@@ -156,7 +156,6 @@ class _Saving:
     block_ids: list[int]
     level: str
     push_to: str
-    new: bool = True
 
 
 class KVPoolScheduler:
