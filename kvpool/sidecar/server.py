@@ -327,7 +327,8 @@ class LocalService(pb_grpc.LocalServicer):
                         s.start_push(transfer, request.push_to)
                     return pb.PutReply(wire_bytes=0)
             codec.check_level(level)
-            payload = await s.run_codec("encode", codec.encode, raw, level)
+            payload = await s.run_codec("encode", codec.encode, raw, level,
+                                             request.num_layers)
             transfer.add(pb.WireChunk(
                 key=raw.key, level=level, payload=payload, crc32c=checksum(payload),
                 raw_bytes=len(raw.keys) + len(raw.values),
