@@ -132,6 +132,7 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
     name = policy if isinstance(policy, str) else policy.name
     report = StreamReport(name, deadline_s)
     total = sum(len(c.keys) + len(c.values) for c in raw_chunks)
+    num_layers = max((c.key.layer for c in raw_chunks), default=-1) + 1
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     grpc.channel_ready_future(channel).result(timeout=timeout)  # connecting is not the link
     start = time.monotonic()
@@ -189,7 +190,7 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
                                                  time.monotonic() - start, due))
                 break
             t0 = time.perf_counter()
-            payload = codec.encode(raw, level)  # overlaps the previous chunk's wire time
+            payload = codec.encode(raw, level, num_layers)  # overlaps the previous chunk's wire time
             t1 = time.perf_counter()
             if not isinstance(policy, str) and level != adaptive.RAW:
                 policy.model.observe(level, raw_bytes, len(payload), t1 - t0)
