@@ -122,12 +122,15 @@ def layer_chunks(keys, values) -> list[pb.RawChunk]:
 
 
 def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolicy | str,
-         deadline_s: float, *, on_chunk=None, timeout: float = 120.0) -> StreamReport:
+         deadline_s: float, *, on_chunk=None, hold=None, timeout: float = 120.0) -> StreamReport:
     """Stream ``raw_chunks`` to a ``serve`` end at ``target`` within ``deadline_s``.
 
     ``policy`` is a :class:`~kvpool.sidecar.adaptive.LevelPolicy` (per-chunk choice, fed
     with every acknowledgement) or a fixed level name. A ``recompute`` decision ends the
     stream: decode would run the prefill itself. ``on_chunk(report)`` is called per chunk.
+    ``hold(report)`` is called after each acknowledgement, before the next chunk goes out;
+    the time it takes is left out of the transfer's clock (a caller that changes the link
+    there knows which chunks crossed the old link and which the new one).
     """
     name = policy if isinstance(policy, str) else policy.name
     report = StreamReport(name, deadline_s)
@@ -157,7 +160,7 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
         last_ack = 0.0
 
         def settle() -> None:
-            nonlocal last_ack
+            nonlocal last_ack, start
             chunk, handoff = pending
             ack = next(acks)
             now = time.perf_counter()
@@ -171,6 +174,12 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
             report.chunks.append(chunk)
             if on_chunk is not None:
                 on_chunk(chunk)
+            if hold is not None:
+                t0 = time.monotonic()
+                hold(chunk)
+                held = time.monotonic() - t0
+                start += held
+                deadline.deadline += held
 
         for i, raw in enumerate(raw_chunks):
             raw_bytes = len(raw.keys) + len(raw.values)
@@ -240,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="link rate assumed before the first measurement (adaptive)")
     c.add_argument("--wait", action="store_true",
                    help="read one line on stdin before sending (lets the caller get ready)")
+    c.add_argument("--hold-after", type=int, metavar="N",
+                   help="after N chunks are acknowledged, stop the clock and read one line on "
+                        "stdin before sending on (lets the caller change the link there)")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         server, port = serve(args.host, args.port)
@@ -262,8 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     _emit({"event": "ready", "chunks": len(raw_chunks)})
     if args.wait:
         sys.stdin.readline()
+    def hold(chunk: ChunkReport) -> None:
+        if chunk.chunk + 1 == args.hold_after:
+            sys.stdin.readline()
+
     report = send(args.target, raw_chunks, policy, args.deadline,
-                  on_chunk=lambda ch: _emit({"event": "chunk", **asdict(ch)}))
+                  on_chunk=lambda ch: _emit({"event": "chunk", **asdict(ch)}),
+                  hold=hold if args.hold_after else None)
     _emit({"event": "done", **report.to_json()})
     return 0
 
