@@ -43,6 +43,7 @@ METHOD = f"/{SERVICE}/Stream"
 
 def _stream(requests, context):
     """Ack each chunk on arrival (its CRC checked), then decode it."""
+    context.send_initial_metadata(())  # the stream is open: the sender starts its clock
     for n, chunk in enumerate(requests, start=1):
         ok = google_crc32c.value(chunk.payload) == chunk.crc32c
         yield pb.PushReply(chunks=n if ok else 0)
@@ -137,8 +138,6 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
     total = sum(len(c.keys) + len(c.values) for c in raw_chunks)
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     grpc.channel_ready_future(channel).result(timeout=timeout)  # connecting is not the link
-    start = time.monotonic()
-    deadline = adaptive.TransferDeadline(start + deadline_s, total)
     outbox: list[pb.WireChunk | None] = []
     ready = threading.Condition()
 
@@ -155,6 +154,9 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
         acks = channel.stream_stream(
             METHOD, request_serializer=pb.WireChunk.SerializeToString,
             response_deserializer=pb.PushReply.FromString)(requests(), timeout=timeout)
+        acks.initial_metadata()  # nor is opening the stream (else the first sample is slow)
+        start = time.monotonic()
+        deadline = adaptive.TransferDeadline(start + deadline_s, total)
         sent_raw = 0
         pending: tuple | None = None  # the chunk on the wire: (report, handoff time)
         last_ack = 0.0
