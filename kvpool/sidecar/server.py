@@ -381,6 +381,9 @@ class LocalService(pb_grpc.LocalServicer):
         try:
             async for item in transfer.follow(s.config.transfer_timeout_s):
                 if isinstance(item, pb.TransferEnd):
+                    # Counted before the end goes out: a reader may close the stream as
+                    # soon as it has the end, which cancels this handler at the yield.
+                    self._loaded(transfer, start)
                     yield pb.LoadReply(end=item)
                     break
                 if item.key.token_end <= request.first_token:
@@ -401,12 +404,15 @@ class LocalService(pb_grpc.LocalServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             s.store.drop(request.transfer_id)
+
+    def _loaded(self, transfer: Transfer, start: float) -> None:
+        s = self.sidecar
         s.metrics.transfers.labels("decode", "loaded").inc()
         s.metrics.chunk_latency.observe(time.perf_counter() - start)
         s.health.transfer_done(transfer.raw_bytes, transfer.wire_bytes,
                                time.perf_counter() - start)
         log.info("transfer loaded", extra={
-            "transfer": request.transfer_id, "chunks": len(transfer.chunks),
+            "transfer": transfer.transfer_id, "chunks": len(transfer.chunks),
             "raw_bytes": transfer.raw_bytes, "wire_bytes": transfer.wire_bytes,
             "seconds": round(time.perf_counter() - transfer.created_at, 4)})
 
