@@ -108,9 +108,9 @@ async def test_push_streams_while_produced_and_load_follows(pair):
 
 
 async def test_a_reader_that_closes_at_the_end_is_counted_loaded(pair):
-    # The connector leaves the Load stream as soon as it has the end; the call is then
-    # cancelled, and the handler with it: the transfer must be counted before that.
-    (prefill, decode), (p_local, d_local) = pair
+    # A reader may close the Load stream as soon as it has the end, which cancels the call
+    # and the handler with it: the transfer is counted before the end goes out.
+    (_prefill, decode), (p_local, d_local) = pair
     await put_transfer(p_local, "t9", list(range(6)), [(0, 6)], push_to=decode.peer_address)
     loaded = decode.metrics.transfers.labels("decode", "loaded")
     call = d_local.Load(pb.LoadRequest(transfer_id="t9", model=MODEL, expect_push=True))
