@@ -177,7 +177,8 @@ def _serve(
             first_answer_s = time.monotonic() - started
             console.print(f"[bold green]first answer[/] {first_answer_s:.1f} s after start")
         p_after = completions.scrape(p_side.addresses["metrics"])
-        d_after = _transfer_outcome(d_side.addresses["metrics"], d_before)
+        # the decode sidecar counts a transfer (loaded or failed) before decode learns of it
+        d_after = completions.scrape(d_side.addresses["metrics"])
         # one engine alone: the prefill engine answers the same prompt by itself
         reference = completions.complete(prefill.url, body)
         outcomes.append(Outcome(
@@ -195,22 +196,6 @@ def _serve(
             reference=reference["choices"][0]["text"],
         ))  # fmt: skip
     return outcomes, first_answer_s
-
-
-def _transfer_outcome(metrics: str, before: completions.Samples) -> completions.Samples:
-    """The decode sidecar's metrics once it has counted the transfer (loaded or failed):
-    it counts when its Load stream closes, which may come just after the answer."""
-    deadline = time.monotonic() + 5.0
-    while True:
-        after = completions.scrape(metrics)
-        counted = sum(
-            completions.delta(before, after, "kvpool_sidecar_transfers_total",
-                              side="decode", outcome=outcome)
-            for outcome in ("loaded", "failed")
-        )  # fmt: skip
-        if counted > 0 or time.monotonic() > deadline:
-            return after
-        time.sleep(0.1)
 
 
 def _report(console: Console, outcomes: list[Outcome], first_answer_s: float, level: str,

@@ -417,14 +417,14 @@ class KVPoolWorker:
             transfer_id=spec.transfer_id, model=self.config.model, peer=spec.peer,
             expect_push=spec.expect_push, first_token=spec.first_token,
         )
+        end: pb.TransferEnd | None = None
+        # Read to the stream's close: a call left before its status is cancelled.
         for reply in self.client.load(request):
             if reply.WhichOneof("item") == "end":
-                if reply.end.num_tokens != num_tokens:
-                    raise LoadError(f"transfer holds {reply.end.num_tokens} tokens, "
-                                    f"the prompt has {num_tokens}")
-                if any(c != want for c in covered):
-                    raise LoadError(f"tokens covered per layer {covered}, expected {want}")
-                return nbytes
+                end = reply.end
+                continue
+            if end is not None:
+                raise LoadError("the sidecar sent a chunk after the transfer's end")
             chunk = reply.chunk
             key = chunk.key
             if key.layer >= len(self.layer_names) or key.token_end > num_tokens:
@@ -447,7 +447,13 @@ class KVPoolWorker:
             chunks.layout_for(kv_layer).scatter(kv_layer, *slots, keys[skip:], values[skip:])
             covered[key.layer] += key.token_end - first
             nbytes += len(chunk.keys) + len(chunk.values)
-        raise LoadError("the sidecar's stream ended without the transfer's end")
+        if end is None:
+            raise LoadError("the sidecar's stream ended without the transfer's end")
+        if end.num_tokens != num_tokens:
+            raise LoadError(f"transfer holds {end.num_tokens} tokens, the prompt has {num_tokens}")
+        if any(c != want for c in covered):
+            raise LoadError(f"tokens covered per layer {covered}, expected {want}")
+        return nbytes
 
     def get_transfer_results(self) -> KVConnectorTransferResults:
         with self._lock:

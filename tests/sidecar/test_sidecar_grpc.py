@@ -107,6 +107,24 @@ async def test_push_streams_while_produced_and_load_follows(pair):
     assert all(torch.equal(got[k][0], sent[k][0]) for k in sent)
 
 
+async def test_a_reader_that_closes_at_the_end_is_counted_loaded(pair):
+    # A reader may close the Load stream as soon as it has the end, which cancels the call
+    # and the handler with it: the transfer is counted before the end goes out.
+    (_prefill, decode), (p_local, d_local) = pair
+    await put_transfer(p_local, "t9", list(range(6)), [(0, 6)], push_to=decode.peer_address)
+    loaded = decode.metrics.transfers.labels("decode", "loaded")
+    call = d_local.Load(pb.LoadRequest(transfer_id="t9", model=MODEL, expect_push=True))
+    async for reply in call:
+        if reply.WhichOneof("item") == "end":
+            assert loaded._value.get() == 1, "the end went out before the transfer was counted"
+            call.cancel()
+            break
+    await asyncio.sleep(0.2)
+    assert loaded._value.get() == 1
+    assert decode.metrics.transfers.labels("decode", "failed")._value.get() == 0
+    assert decode.store.get("t9") is None
+
+
 async def test_first_token_skips_chunks_already_computed(pair):
     (prefill, _decode), (p_local, d_local) = pair
     await put_transfer(p_local, "t3", list(range(96)), [(0, 32), (32, 64), (64, 96)])
