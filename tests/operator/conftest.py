@@ -87,19 +87,28 @@ def client(emulator: pathlib.Path) -> kube.Client:
     return kube.Client(kubernetes.client.ApiClient(configuration), timeout_s=10)
 
 
+def start_operator(kubeconfig: pathlib.Path, log: pathlib.Path, *args: str
+                   ) -> tuple[Process, int]:
+    """Start ``kvpool operator`` against the emulator; return it once it is alive."""
+    port = free_port()
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), KVPOOL_IMAGE="kvpool:test")
+    proc = Process([sys.executable, "-m", "kvpool.cli", "operator",
+                    "--liveness", f"http://127.0.0.1:{port}/healthz", *args], log, env)
+    try:
+        wait_for(lambda: _alive(port), 60, "the operator's liveness endpoint")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
 @pytest.fixture(scope="module")
 def operator(emulator: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[tuple[Process, int]]:
     """The real operator (``kvpool operator``) against the emulator; yields it and its
     liveness port."""
-    tmp = tmp_path_factory.mktemp("operator")
-    port = free_port()
-    env = dict(os.environ, KUBECONFIG=str(emulator), KVPOOL_IMAGE="kvpool:test")
-    proc = Process([sys.executable, "-m", "kvpool.cli", "operator",
-                    "--liveness", f"http://127.0.0.1:{port}/healthz"],
-                   tmp / "operator.log", env)
+    proc, port = start_operator(emulator, tmp_path_factory.mktemp("operator") / "operator.log")
     try:
-        wait_for(lambda: _alive(port), 60, "the operator's liveness endpoint")
         yield proc, port
     finally:
         proc.stop()
