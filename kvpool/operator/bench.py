@@ -58,7 +58,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _process(args: list[str], log: pathlib.Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+def _process(args: list[str], log: pathlib.Path,
+             env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from kvpool.operator import api, schema
@@ -127,7 +128,7 @@ def _resources(res: api.Resources, gpus: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if res.requests:
         out["requests"] = dict(res.requests)
-    limits = dict(res.limits)
+    limits: dict[str, int | str] = dict(res.limits)
     if gpus:
         limits["nvidia.com/gpu"] = gpus
     if limits:
@@ -404,6 +405,6 @@ def render(
     return objects
 
 
-def key(obj: dict[str, Any]) -> tuple[str, str, str]:
+def key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
     """(apiVersion, kind, name): how a child is identified among its siblings."""
     return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]

@@ -71,24 +71,29 @@ async def pools(body: kopf.Body, memo: Memo, **_: Any) -> dict[tuple[str, str], 
 
 async def _index_child(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
     pool = body.metadata.labels.get(children.POOL_LABEL)
-    if not pool:
+    namespace = body.metadata.namespace
+    if not pool or not namespace:
         return None
-    return {(body.metadata.namespace, pool): dict(body)}
+    return {(namespace, pool): dict(body)}
 
 
 for _group, _version, _plural in CHILD_RESOURCES:
     kopf.index(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_index")(_index_child)
 
 
-def _live_children(namespace: str, pool: str, indexes: Mapping[str, Any]) -> list[dict]:
-    out: list[dict] = []
+Child = dict[str, Any]
+PoolIndex = kopf.Index[tuple[str, str], plan.Plan]
+
+
+def _live_children(namespace: str, pool: str, indexes: Mapping[str, Any]) -> list[Child]:
+    out: list[Child] = []
     for _, _, plural in CHILD_RESOURCES:
         index = indexes[f"{plural}_index"]
         out.extend(index.get((namespace, pool), ()))
     return out
 
 
-def _latest_plan(index: kopf.Index, namespace: str, name: str) -> plan.Plan | None:
+def _latest_plan(index: PoolIndex, namespace: str, name: str) -> plan.Plan | None:
     for p in index.get((namespace, name), ()):
         return p
     return None
@@ -112,7 +117,7 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
-def _write_status(memo: Memo, p: plan.Plan, live: list[dict],
+def _write_status(memo: Memo, p: plan.Plan, live: list[Child],
                   problem: tuple[str, str] | None = None, missing: Iterable[str] = ()) -> None:
     new = status.compute(
         pool=p.pool,
@@ -155,10 +160,10 @@ def _already_reported(p: plan.Plan, reason: str, message: str) -> bool:
     return False
 
 
-def _report_problem(memo: Memo, p: plan.Plan, live: list[dict], reason: str,
+def _report_problem(memo: Memo, p: plan.Plan, live: list[Child], reason: str,
                     message: str, logger: logging.Logger | kopf.Logger) -> None:
     if not _already_reported(p, reason, message):
-        kopf.warn(p.body_ref, reason=reason, message=message)
+        kopf.warn(p.body_ref, reason=reason, message=message)  # type: ignore[arg-type]
         logger.warning(f"{reason}: {message}")
     _write_status(memo, p, live, problem=(reason, message))
 
@@ -208,7 +213,7 @@ def cleanup(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -> 
 # --- children ---------------------------------------------------------------------------
 
 async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
-                         logger: kopf.Logger, pools: kopf.Index, **kwargs: Any) -> None:
+                         logger: kopf.Logger, pools: PoolIndex, **kwargs: Any) -> None:
     """Put back a deleted or edited child; refresh the pool's status on Deployment news.
 
     Async, so that the common case (nothing to do) costs no thread hop; the blocking
@@ -216,7 +221,9 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
     """
     pool_name = body.metadata.labels.get(children.POOL_LABEL)
     namespace = body.metadata.namespace
-    p = _latest_plan(pools, namespace, pool_name) if pool_name and namespace else None
+    if not pool_name or not namespace:
+        return
+    p = _latest_plan(pools, namespace, pool_name)
     if p is None or p.deleting or p.problem is not None or not _owned_by(body, p.pool.uid):
         return
     key = children.key(body)
@@ -225,7 +232,8 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
     if desired is not None and (deleted or not plan.contains(body, desired)):
         what = "deleted" if deleted else "changed by someone else"
         await asyncio.to_thread(memo.client.apply, desired, memo.settings.apply.field_manager)
-        kopf.info(p.body_ref, reason="ChildRestored", message=f"{key[1]} {key[2]} was {what}")
+        kopf.info(p.body_ref,  # type: ignore[arg-type]  # kopf posts from any body-like dict
+                  reason="ChildRestored", message=f"{key[1]} {key[2]} was {what}")
         logger.info(f"restored {key[1]} {key[2]}: it was {what}")
     # Status moves to a new generation only in reconcile(), once every child is applied;
     # until then, a Deployment's news would report the new inputs too early.
@@ -238,7 +246,7 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
 
 for _group, _version, _plural in CHILD_RESOURCES:
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_drift")(
-        on_child_event)
+        on_child_event)  # type: ignore[arg-type]  # kopf passes the indexes as kwargs
 
 
 # --- operator lifecycle -----------------------------------------------------------------
@@ -258,7 +266,7 @@ def ensure_peering(client: kube.Client, namespaces: Iterable[str] | None) -> Non
                 raise
 
 
-@kopf.on.probe(id="pools")
-async def pools_known(pools: kopf.Index, **_: Any) -> int:
+@kopf.on.probe(id="pools")  # type: ignore[arg-type]  # kopf passes the indexes as kwargs
+async def pools_known(pools: PoolIndex, **_: Any) -> int:
     """Liveness detail: how many pools this replica knows."""
     return len(pools)

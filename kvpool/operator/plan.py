@@ -67,7 +67,7 @@ def make(body: Mapping[str, Any], settings: RenderSettings) -> Plan:
 
 @functools.lru_cache(maxsize=4096)
 def _rendered(pool: children.PoolRef, spec_json: str, settings: RenderSettings) -> dict[str, Any]:
-    empty = {"digest": None, "children": {}, "endpoint": None}
+    empty: dict[str, Any] = {"digest": None, "children": {}, "endpoint": None}
     try:
         spec = api.load_spec(json.loads(spec_json))
     except schema.SpecError as exc:

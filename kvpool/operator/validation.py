@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import celpy
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 
 from kvpool.operator import crd
 
@@ -44,10 +46,13 @@ def _program(rule: str) -> celpy.Runner:
 
 @functools.cache
 def _root_schema() -> dict[str, Any]:
-    return crd.kvcachepool_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    root: dict[str, Any] = crd.kvcachepool_crd()["spec"]["versions"][0]["schema"][
+        "openAPIV3Schema"]
+    return root
 
 
-def _nodes(schema: dict[str, Any], value: Any, path: str) -> Iterator[tuple[str, dict, Any]]:
+def _nodes(schema: dict[str, Any], value: Any,
+           path: str) -> Iterator[tuple[str, dict[str, Any], Any]]:
     """Every (path, schema, value) pair of ``value`` under ``schema``, depth first."""
     yield path, schema, value
     if isinstance(value, dict):
@@ -69,8 +74,8 @@ def violations(pool: dict[str, Any]) -> list[Violation]:
     for path, schema, value in _nodes(_root_schema(), pool, ""):
         for rule in schema.get("x-kubernetes-validations", ()):
             try:
-                ok = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
-            except celpy.CELEvalError as exc:  # a missing field in a rule: report, not crash
+                ok = _program(rule["rule"]).evaluate({"self": json_to_cel(value)})
+            except CELEvalError as exc:  # a missing field in a rule: report, not crash
                 found.append(Violation(path or "<root>", f"{rule['message']} ({exc})",
                                        rule["rule"]))
                 continue
@@ -96,7 +101,7 @@ def all_rules() -> list[str]:
     ]
 
 
-def _schema_nodes(schema: dict[str, Any]) -> Iterator[tuple[str, dict, None]]:
+def _schema_nodes(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], None]]:
     yield "", schema, None
     for sub in schema.get("properties", {}).values():
         yield from _schema_nodes(sub)

@@ -38,7 +38,7 @@ def test_standby_replica_pauses_then_takes_over(
         assert "Resuming operations" not in standby.log.read_text()
 
         active.stop()
-        wait_for(lambda: "Resuming operations" in standby.log.read_text(), timeout=30,
+        wait_for(lambda: "Resuming operations" in standby.log.read_text(), timeout=90,
                  what="the standby replica to resume")
         client.create(manifest("golf"))
         wait_for(lambda: settled(client, "golf", 1), what="golf handled by the new leader")
@@ -53,4 +53,4 @@ def test_standby_replica_pauses_then_takes_over(
         standby.stop()
 
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
