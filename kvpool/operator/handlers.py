@@ -262,7 +262,12 @@ def ensure_peering(client: kube.Client, namespaces: Iterable[str] | None) -> Non
         try:
             client.create(obj)
         except kube.ApiError as exc:
-            if exc.status != 409:  # another replica was faster
+            if exc.status == 404:
+                raise SystemExit(
+                    f"kvpool operator: the {obj['kind']} CRD is missing: install crds/ "
+                    "(kvpool crd --all | kubectl apply -f -) or run with --standalone"
+                ) from exc
+            if exc.status != 409:  # 409: another replica was faster
                 raise
 
 
