@@ -1,1 +1,13 @@
-"""kvpool.kernels: the CacheGen-style KV cache codec (C++ core, CPU and CUDA paths)."""
+"""kvpool.kernels: the CacheGen-style KV cache codec (C++ core, CPU and CUDA paths).
+
+Public API (docs/bitstream.md describes the frames)::
+
+    from kvpool.kernels import KVCache, encode, decode, peek, Profile, CodecError, LEVELS
+"""
+
+from kvpool.kernels.codec import ChunkInfo, KVCache, decode, encode, peek
+from kvpool.kernels.errors import CodecError
+from kvpool.kernels.levels import LEVELS
+from kvpool.kernels.profile import Profile
+
+__all__ = ["KVCache", "ChunkInfo", "encode", "decode", "peek", "Profile", "CodecError", "LEVELS"]

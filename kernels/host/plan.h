@@ -1,0 +1,60 @@
+// Plans: a frame's planes and streams laid out as flat arrays (core/planned.h), built on
+// the host for the CPU path and uploaded as they are for the CUDA path.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "../core/planned.h"
+#include "frame.h"
+
+namespace kvp {
+
+// Profile tables for one plane, as the Python Profile holds them (bf16 bits, u16 freqs).
+struct ProfilePlane {
+    const uint16_t* mu = nullptr;
+    const uint16_t* sigma = nullptr;
+    uint64_t width = 0;
+    const uint16_t* anchor_freqs = nullptr;  // [width, anchor bins]
+    uint64_t anchor_len = 0;
+    const uint16_t* delta_freqs = nullptr;   // [width, bins]
+    uint64_t delta_len = 0;
+};
+using ProfileData = std::vector<ProfilePlane>;  // one per plane, layer-major, keys first
+
+struct Plan {
+    Header header;
+    FrameParams params{};
+    std::vector<PlaneDesc> planes;
+    std::vector<StreamRef> streams;
+    std::vector<float> floats;
+    std::vector<uint32_t> cum;
+};
+
+FrameParams frame_params(const Header& h);
+
+// Parse and validate a whole frame (without checking the checksum, which the caller did):
+// every section, table, scale and stream size. Streams are checked while decoding.
+Plan plan_decode(const uint8_t* data, uint64_t size, const ProfileData* profile);
+
+// Lay out an encoder's plan: float and cum slots for every plane, streams with scratch
+// offsets (rans_bound each); `inputs` are the planes' element pointers. The caller fills
+// the floats (stats, scales) and tables before encoding the streams.
+Plan plan_encode(const Header& h, const std::vector<const void*>& inputs);
+
+// Profile stats and tables of every plane into the plan (shape checks: kProfileMismatch).
+void apply_profile(Plan& plan, const ProfileData& profile);
+
+// Build the cum arrays of plane p from 16-bit frequencies laid out as in the frame.
+void set_tables(Plan& plan, uint32_t p, const std::vector<uint16_t>& freqs);
+
+// Symbols per table of a lossy plane with its row scales set (for tables built from the
+// chunk itself): [n_tables][anchor bins] then [n_tables][bins].
+std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p);
+
+// Byte histograms of a lossless plane: [elem bytes][256] frequencies.
+std::vector<uint16_t> lossless_tables(const Plan& plan, uint32_t p);
+
+// Size of the scratch buffer holding every stream at its worst case.
+uint64_t scratch_bytes(const Plan& plan);
+
+}  // namespace kvp

@@ -1,0 +1,259 @@
+"""The codec's Python API: KV caches in, bitstream v1 frames out, and back.
+
+The work happens in the C++ extension (``_codec`` on the CPU, ``_codec_cuda`` on a GPU),
+which releases the GIL and spreads streams over threads. This module checks arguments,
+lays out planes (layer-major, keys before values), and owns the frame's CRC32C trailer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import google_crc32c
+import numpy as np
+
+from kvpool.kernels import _codec, levels
+from kvpool.kernels.errors import CodecError
+
+if TYPE_CHECKING:
+    from kvpool.kernels.profile import Profile
+
+DTYPES = {1: "float16", 2: "bfloat16", 3: "float32"}
+"""Header dtype codes (docs/bitstream.md)."""
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of a run of tokens.
+
+    keys[i], values[i]: layer i, shape [tokens_i, width_i] (width = kv_heads * head_dim),
+    dtype float16, bfloat16 or float32; torch tensors (CPU or CUDA) or numpy arrays
+    (float16/float32). Layers may differ in tokens_i (sliding-window layers) and width_i.
+    """
+
+    keys: list[Any]
+    values: list[Any]
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What a frame's header says (see :func:`peek`)."""
+
+    version: int
+    level: str
+    lossless: bool
+    dtype: str
+    layers: list[tuple[int, int]]
+    """(tokens, width) of each layer; keys and values share it."""
+    bins: list[tuple[int, int, int, int]]
+    """Per layer: key bins, value bins, key anchor bins, value anchor bins (0 = unused)."""
+    profile_hash: str | None
+    raw_bytes: int
+    """Size of the decoded keys and values in the chunk's dtype."""
+    encoded_bytes: int
+    """Size of the whole frame, checksum included."""
+
+
+def default_threads() -> int:
+    """Threads for the CPU path: the CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _plane(x: Any) -> Any:
+    try:
+        import torch
+    except ImportError:  # numpy-only installs
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.dim() != 2:
+            raise CodecError(f"each key/value must be 2-D [tokens, width], not {tuple(x.shape)}")
+        return x.detach().contiguous()
+    if isinstance(x, np.ndarray):
+        if x.ndim != 2:
+            raise CodecError(f"each key/value must be 2-D [tokens, width], not {x.shape}")
+        if x.dtype not in (np.float16, np.float32):
+            raise CodecError(f"numpy arrays must be float16 or float32, not {x.dtype}")
+        return np.ascontiguousarray(x)
+    raise CodecError(f"keys and values must be torch tensors or numpy arrays, not {type(x)}")
+
+
+def _planes(kv: KVCache) -> list[Any]:
+    if len(kv.keys) != len(kv.values):
+        raise CodecError(f"{len(kv.keys)} key layers but {len(kv.values)} value layers")
+    if len(kv.keys) > 0xFFFF:
+        raise CodecError("at most 65535 layers")
+    planes = []
+    for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
+        k, v = _plane(k), _plane(v)
+        if tuple(k.shape) != tuple(v.shape):
+            raise CodecError(f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} differ")
+        planes += [k, v]
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in planes}
+    if len(dtypes) > 1:
+        raise CodecError(f"all layers must share one dtype, not {sorted(dtypes)}")
+    return planes
+
+
+def _on_cuda(planes: list[Any]) -> bool:
+    devices = {getattr(getattr(p, "device", None), "type", "cpu") for p in planes}
+    if len(devices) > 1:
+        raise CodecError(f"all layers must be on one device, not {sorted(devices)}")
+    return devices == {"cuda"}
+
+
+def table_group(tokens: int, level: levels.Level) -> int:
+    """Channels sharing one probability table in a chunk that carries its own tables:
+    enough that a table's 2 bytes per bin stay near 1 % of the coded bits it serves."""
+    if not tokens:
+        return 1
+    biggest = max((b for _, b in level.all_bins()), default=3)
+    group = 1
+    while group * tokens < 256 * biggest and group < 4096:
+        group *= 2
+    return group
+
+
+def _cuda():
+    try:
+        from kvpool.kernels import _codec_cuda
+    except ImportError as exc:
+        raise CodecError(f"the CUDA path is not built in this install: {exc}") from exc
+    if not _codec_cuda.device_count():
+        raise CodecError("no CUDA device")
+    return _codec_cuda
+
+
+def encode(
+    kv: KVCache,
+    level: str = "default",
+    profile: Profile | None = None,
+    *,
+    threads: int | None = None,
+) -> bytes:
+    """One chunk -> one self-delimiting bitstream v1 frame (docs/bitstream.md).
+
+    Releases the GIL. With a profile (lossy levels), the frame names the profile's hash and
+    carries no tables or channel statistics; without one it carries its own. ``lossless``
+    codes the raw values (bit-exact round trip) and never uses a profile. CUDA tensors are
+    encoded on their GPU; the frame is byte-identical to the CPU's.
+    """
+    lv = levels.get(level)
+    planes = _planes(kv)
+    n = len(planes) // 2
+    layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]), *lv.layer_bins(i, n))
+              for i in range(n)]
+    use_profile = profile is not None and not lv.lossless
+    tables = profile.tables_for(lv.anchor_group, layers) if use_profile else None
+    group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)
+    args = dict(
+        lossless=lv.lossless,
+        level=lv.name,
+        block_tokens=levels.BLOCK_TOKENS,
+        group_channels=levels.GROUP_CHANNELS,
+        anchor_group=lv.anchor_group,
+        table_group=group,
+        layers=layers,
+        profile_hash=profile.hash_bytes if use_profile else None,
+        profile=tables,
+    )
+    if _on_cuda(planes):
+        frame = _cuda().encode(planes, **args)
+    else:
+        frame = _codec.encode(planes, threads=threads or default_threads(), **args)
+    body = frame[:-4]
+    return body + google_crc32c.value(body).to_bytes(4, "little")
+
+
+def _buffer(data: bytes | bytearray | memoryview) -> tuple[bytes, np.ndarray]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodecError(f"a frame is bytes, not {type(data).__name__}")
+    raw = bytes(data)
+    return raw, np.frombuffer(raw, dtype=np.uint8)
+
+
+def _header(view: np.ndarray) -> dict[str, Any]:
+    return _codec.parse(view)
+
+
+def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
+    """The header of a frame (a prefix holding the header is enough; the checksum is not
+    verified here). Raises CodecError when the header is malformed."""
+    _, view = _buffer(data)
+    h = _header(view)
+    elem = {1: 2, 2: 2, 3: 4}[h["dtype"]]
+    zero = bytes(16)
+    return ChunkInfo(
+        version=int(view[4]),
+        level=h["level"],
+        lossless=h["mode"] == 0,
+        dtype=DTYPES[h["dtype"]],
+        layers=[(t, w) for t, w, *_ in h["layers"]],
+        bins=[tuple(b) for *_, b0, b1, b2, b3 in h["layers"] for b in [(b0, b1, b2, b3)]],
+        profile_hash=None if h["profile_hash"] == zero else h["profile_hash"].hex(),
+        raw_bytes=sum(2 * t * w * elem for t, w, *_ in h["layers"]),
+        encoded_bytes=h["frame_size"],
+    )
+
+
+def _verify(raw: bytes) -> None:
+    if len(raw) < 4:
+        raise CodecError("truncated bitstream: shorter than its checksum")
+    body = raw[:-4]
+    if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+        # Say "truncated" when the header knows the frame is longer than what we got.
+        try:
+            size = _codec.parse(np.frombuffer(raw, dtype=np.uint8))["frame_size"]
+        except CodecError:
+            size = None
+        if size is not None and size > len(raw):
+            raise CodecError(f"truncated bitstream: {len(raw)} of {size} bytes")
+        raise CodecError("corrupt bitstream: checksum mismatch")
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    profile: Profile | None = None,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> KVCache:
+    """The inverse of :func:`encode`: torch tensors on ``device`` in the chunk's dtype.
+
+    Any truncated, corrupt or hostile input raises CodecError (never a crash, never
+    silently wrong data). A chunk naming a profile needs that profile (else CodecError).
+    """
+    import torch
+
+    raw, view = _buffer(data)
+    _verify(raw)
+    h = _header(view)
+    tables = None
+    if h["flags"] & 1:
+        want = h["profile_hash"].hex()
+        if profile is None:
+            raise CodecError(f"the chunk needs profile {want}; none given")
+        if profile.hash != want:
+            raise CodecError(f"the chunk needs profile {want}, not {profile.hash}")
+        tables = profile.tables_for(h["anchor_group"], h["layers"])
+    dtype = getattr(torch, DTYPES[h["dtype"]])
+    dev = torch.device(device)
+    outs = []
+    for t, w, *_ in h["layers"]:
+        outs += [torch.empty((t, w), dtype=dtype, device=dev) for _ in range(2)]
+    if dev.type == "cuda":
+        _cuda().decode(view, outs, tables)
+    elif dev.type == "cpu":
+        _codec.decode(view, outs, tables, threads or default_threads())
+    else:
+        raise CodecError(f"cannot decode onto device {device!r}")
+    return KVCache(keys=outs[0::2], values=outs[1::2])
+
+
+def raw_nbytes(kv: KVCache) -> int:
+    """Bytes of the keys and values as they are (fp16 equivalent: 2 bytes per element)."""
+    return sum(int(np.prod(tuple(x.shape))) * 2 for x in [*kv.keys, *kv.values])
+
+
+__all__ = ["KVCache", "ChunkInfo", "encode", "decode", "peek", "CodecError", "table_group"]

@@ -1,0 +1,186 @@
+"""Model profiles: the codec's channel statistics and probability tables for one model.
+
+A profile is computed once from real KV caches of a model and identified by a content
+hash; a chunk encoded with it names the hash (16 bytes) instead of carrying its tables.
+For every plane (layer-major, keys before values) it holds the channel midpoints and half
+ranges (bf16 bits) and, for every anchor group and bins a level table uses, one 16-bit
+probability table per channel for anchor rows ("a") and other rows ("d").
+
+File format (version 1): a numpy ``.npz`` archive (no pickles) with ``meta`` (UTF-8 JSON:
+format, version, model, planes, widths, hash) and arrays ``p{plane}.mu``,
+``p{plane}.sigma`` and ``p{plane}.{role}{bins}g{group}`` ([width, bins] uint16). The hash is
+SHA-256 over the canonical JSON of the model and widths and every array's name, shape and
+bytes in sorted order, cut to 16 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvpool.kernels import _codec, levels
+from kvpool.kernels.codec import KVCache, _planes
+from kvpool.kernels.errors import CodecError
+
+FORMAT = "kvpool-codec-profile"
+VERSION = 1
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    t = x.detach().cpu()
+    if str(t.dtype) == "torch.bfloat16":
+        t = t.float()
+    return t.numpy()
+
+
+def _bf16_bits(x: np.ndarray, up: bool = False) -> np.ndarray:
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    if up:
+        return ((bits >> 16) + ((bits & 0xFFFF) != 0)).astype(np.uint16)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _table_key(role: str, bins: int, group: int) -> str:
+    return f"{role}{bins}g{group}"
+
+
+class Profile:
+    """Probability tables for one model, identified by a content hash."""
+
+    def __init__(self, model: str, arrays: dict[str, np.ndarray], widths: list[int]):
+        self.model = model
+        self.widths = list(widths)
+        self._arrays = arrays
+        self.hash = self._content_hash()
+
+    @property
+    def hash_bytes(self) -> bytes:
+        return bytes.fromhex(self.hash)
+
+    def _content_hash(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"model": self.model, "widths": self.widths}, sort_keys=True).encode())
+        for name in sorted(self._arrays):
+            a = self._arrays[name]
+            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:32]
+
+    @classmethod
+    def build(cls, samples: Iterable[KVCache], *, model: str) -> Profile:
+        """Statistics and tables from real KV caches of ``model`` (every lossy level)."""
+        per_plane: list[list[np.ndarray]] | None = None
+        for kv in samples:
+            planes = [_to_numpy(p).astype(np.float32) for p in _planes(kv)]
+            if per_plane is None:
+                per_plane = [[] for _ in planes]
+            if len(planes) != len(per_plane):
+                raise CodecError("samples of one profile must have the same layers")
+            for i, p in enumerate(planes):
+                if per_plane[i] and per_plane[i][0].shape[1] != p.shape[1]:
+                    raise CodecError(f"plane {i}: widths differ between samples")
+                per_plane[i].append(p)
+        if not per_plane:
+            raise CodecError("a profile needs at least one sample")
+        arrays: dict[str, np.ndarray] = {}
+        widths = []
+        roles = sorted({(lv.anchor_group, role, bins) for lv in levels.LEVEL_TABLE
+                        if not lv.lossless for role, bins in lv.all_bins()})
+        for i, xs in enumerate(per_plane):
+            data = np.concatenate(xs)
+            width = data.shape[1]
+            widths.append(width)
+            if len(data):
+                lo, hi = data.min(axis=0), data.max(axis=0)
+            else:
+                lo = hi = np.zeros(width, np.float32)
+            mu = _bf16_bits(hi * 0.5 + lo * 0.5)
+            half = hi * 0.5 - lo * 0.5
+            sigma = np.where(half > 0, _bf16_bits(half, up=True), np.uint16(0x3F80))
+            arrays[f"p{i}.mu"], arrays[f"p{i}.sigma"] = mu, sigma.astype(np.uint16)
+            for group, role, bins in roles:
+                counts = np.zeros((width, bins), np.uint64)
+                for x in xs:
+                    if not len(x):
+                        continue
+                    sym = _codec.symbols(x, mu, arrays[f"p{i}.sigma"], group, bins, bins)
+                    rows = (np.arange(len(x)) % group == 0) == (role == "a")
+                    sel = sym[rows].astype(np.int64)
+                    flat = (np.arange(width)[None, :] * bins + sel).ravel()
+                    counts += np.bincount(flat, minlength=width * bins).reshape(width, bins).astype(np.uint64)
+                arrays[f"p{i}.{_table_key(role, bins, group)}"] = _codec.normalize(counts)
+        return cls(model, arrays, widths)
+
+    def tables_for(self, anchor_group: int, layers: list[tuple[int, ...]]) -> list[tuple]:
+        """Per plane, what the extension takes: (mu, sigma, anchor tables, other tables)."""
+        if 2 * len(layers) != len(self.widths):
+            raise CodecError(
+                f"profile {self.hash} is for {len(self.widths) // 2} layers, not {len(layers)}")
+        out = []
+        for i, (_, width, kb, vb, kab, vab) in enumerate(layers):
+            for kind, (bins, abins) in enumerate(((kb, kab), (vb, vab))):
+                p = 2 * i + kind
+                if self.widths[p] != width:
+                    raise CodecError(f"profile {self.hash}: plane {p} is {self.widths[p]} wide, "
+                                     f"the chunk's {width}")
+                anchor = self._table(p, "a", abins, anchor_group)
+                delta = self._table(p, "d", bins, anchor_group) if anchor_group > 1 else None
+                out.append((self._arrays[f"p{p}.mu"], self._arrays[f"p{p}.sigma"], anchor, delta))
+        return out
+
+    def _table(self, plane: int, role: str, bins: int, group: int) -> np.ndarray:
+        key = f"p{plane}.{_table_key(role, bins, group)}"
+        if key not in self._arrays:
+            raise CodecError(f"profile {self.hash} has no table for {bins} bins, anchor group "
+                             f"{group}: rebuild it for the current levels")
+        return self._arrays[key]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the profile file (atomically: a crash leaves the old file or none)."""
+        meta = {"format": FORMAT, "version": VERSION, "model": self.model,
+                "widths": self.widths, "hash": self.hash}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **self._arrays)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Profile:
+        """Read a profile file; CodecError when it is corrupt, of another version, or its
+        content does not match its hash."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(arrays.pop("meta").tobytes().decode())
+        except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError) as exc:
+            raise CodecError(f"corrupt profile file {path}: {exc}") from exc
+        except Exception as exc:  # zipfile.BadZipFile and friends
+            raise CodecError(f"corrupt profile file {path}: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CodecError(f"{path} is not a codec profile")
+        if meta.get("version") != VERSION:
+            raise CodecError(f"{path}: profile version {meta.get('version')}, expected {VERSION}")
+        for name, a in arrays.items():
+            if a.dtype != np.uint16 or not name.startswith("p"):
+                raise CodecError(f"corrupt profile file {path}: array {name}")
+        try:
+            profile = cls(str(meta["model"]), arrays, [int(w) for w in meta["widths"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CodecError(f"corrupt profile file {path}: {exc}") from exc
+        if profile.hash != meta.get("hash"):
+            raise CodecError(f"corrupt profile file {path}: content does not match its hash")
+        return profile
+
+    def __repr__(self) -> str:
+        return f"Profile(model={self.model!r}, hash={self.hash}, planes={len(self.widths)})"

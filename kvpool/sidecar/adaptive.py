@@ -1,0 +1,272 @@
+"""Bandwidth-adaptive choice of the codec level per chunk (CacheGen §5).
+
+The sender streams a prompt's KV chunk by chunk. Before encoding a chunk it asks
+:class:`LevelPolicy` which form to send it in, given
+
+- the link throughput the sender has measured so far (:class:`ThroughputEstimator`, fed
+  with each chunk's bytes and the time the receiver took to acknowledge them),
+- what each level costs and yields, learnt from the chunks already encoded
+  (:class:`CodecModel`: compressed/raw ratio, encode and decode seconds per raw byte),
+- the time left before the KV must be in decode (:class:`TransferDeadline`, derived from
+  the request's TTFT target), shared among the chunks still to send in proportion to
+  their raw size.
+
+The answer is the best-quality option predicted to arrive in time, where ``raw`` (the
+uncompressed bytes) ranks with ``lossless`` (both are exact) and wins over it when the link
+is fast enough that encoding would cost more time than it saves. When even the lowest
+level cannot make it, the answer is ``recompute``: decode runs the prefill itself.
+Every decision is counted (``LevelPolicy.counts``, and through ``on_decision`` in the
+sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEBUG).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+RAW = "raw"
+RECOMPUTE = "recompute"
+
+#: The codec's levels, best quality first (``kvpool.kernels.LEVELS``; repeated here so
+#: that the policy loads without the compiled codec).
+CODEC_LEVELS: tuple[str, ...] = ("lossless", "high", "default", "low", "lowest")
+EXACT_LEVELS = frozenset({RAW, "lossless"})
+
+
+class ThroughputEstimator:
+    """Link throughput seen by the sender, in bytes per second.
+
+    Each sample is the bytes of one chunk and the seconds from starting to send it to its
+    acknowledgement. The estimate is the lower of an exponentially weighted mean of the
+    samples' rates and the latest rate: it drops at once when the link slows down (a late
+    chunk is costly) and rises over a few chunks when it speeds up.
+    """
+
+    def __init__(self, *, alpha: float = 0.5, initial_bps: float | None = None) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if initial_bps is not None and initial_bps <= 0:
+            raise ValueError(f"initial_bps must be positive, got {initial_bps}")
+        self.alpha = alpha
+        self._ewma = initial_bps
+        self._last = initial_bps
+        self.samples = 0
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        """Record that ``nbytes`` took ``seconds`` to be delivered."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        rate = nbytes / seconds
+        self._last = rate
+        self._ewma = rate if self._ewma is None else self.alpha * rate + (1 - self.alpha) * self._ewma
+        self.samples += 1
+
+    @property
+    def bps(self) -> float | None:
+        """The estimate, or None before the first sample when no initial guess was given."""
+        if self._ewma is None or self._last is None:
+            return None
+        return min(self._ewma, self._last)
+
+
+@dataclass
+class LevelCost:
+    """What one level yields and costs per raw byte, as measured (running means)."""
+
+    ratio: float
+    """Encoded bytes per raw byte."""
+    encode_s_per_byte: float
+    decode_s_per_byte: float
+    measured: int = 0
+    """How many chunks the figures come from (0: a prior)."""
+
+
+@dataclass
+class CodecModel:
+    """Per-level ratio and speed, learnt from the chunks encoded so far.
+
+    Starts from priors (``calibrate`` measures them on a real sample; otherwise given by
+    the caller). A level never used keeps its prior scaled by how far the measured levels
+    strayed from theirs: when real KV compresses 20% worse than the sample did, every
+    level's estimate follows.
+    """
+
+    costs: dict[str, LevelCost]
+    alpha: float = 0.3
+
+    @classmethod
+    def calibrate(cls, encode, decode, sample, levels: Sequence[str] = CODEC_LEVELS,
+                  *, repeats: int = 2) -> CodecModel:
+        """Measure every level on ``sample`` with the real codec (best of ``repeats``).
+
+        ``encode(sample, level) -> bytes``; ``decode(bytes)``; ``sample`` is a ``KVCache``.
+        """
+        raw = raw_size(sample)
+        costs = {}
+        for level in levels:
+            enc = dec = math.inf
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                data = encode(sample, level)
+                t1 = time.perf_counter()
+                decode(data)
+                t2 = time.perf_counter()
+                enc, dec = min(enc, t1 - t0), min(dec, t2 - t1)
+            costs[level] = LevelCost(len(data) / raw, enc / raw, dec / raw)
+        return cls(costs)
+
+    def observe(self, level: str, raw_bytes: int, encoded_bytes: int,
+                encode_s: float, decode_s: float | None = None) -> None:
+        """Fold one encoded chunk's figures into the level's running means."""
+        if raw_bytes <= 0 or level not in self.costs:
+            return
+        cost = self.costs[level]
+        a = self.alpha if cost.measured else 1.0
+        cost.ratio += a * (encoded_bytes / raw_bytes - cost.ratio)
+        cost.encode_s_per_byte += a * (encode_s / raw_bytes - cost.encode_s_per_byte)
+        if decode_s is not None:
+            cost.decode_s_per_byte += a * (decode_s / raw_bytes - cost.decode_s_per_byte)
+        cost.measured += 1
+
+    def _drift(self, priors: dict[str, LevelCost]) -> float:
+        factors = [c.ratio / priors[lv].ratio for lv, c in self.costs.items()
+                   if c.measured and lv in priors and priors[lv].ratio > 0]
+        return math.exp(sum(map(math.log, factors)) / len(factors)) if factors else 1.0
+
+    def predict(self, level: str, raw_bytes: int, bps: float, priors: dict[str, LevelCost]) -> float:
+        """Seconds from starting to encode a chunk to having it decoded on the far side."""
+        if level == RAW:
+            return raw_bytes / bps
+        cost = self.costs[level]
+        ratio = cost.ratio if cost.measured else cost.ratio * self._drift(priors)
+        return raw_bytes * (cost.encode_s_per_byte + ratio / bps + cost.decode_s_per_byte)
+
+    def expected_bytes(self, level: str, raw_bytes: int) -> int:
+        return raw_bytes if level == RAW else int(raw_bytes * self.costs[level].ratio)
+
+
+def raw_size(kv) -> int:
+    """Bytes of a KVCache's tensors as they sit in memory (fp16: 2 bytes a value)."""
+    total = 0
+    for t in list(kv.keys) + list(kv.values):
+        total += int(t.nbytes) if hasattr(t, "nbytes") else t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class TransferDeadline:
+    """The time by which a request's KV must be in decode, shared among its chunks.
+
+    ``deadline`` is a ``time.monotonic()`` instant: the request's arrival plus its TTFT
+    target, minus what decode needs after the KV is in (loading it and the first step).
+    Each chunk gets the time left in proportion to its share of the raw bytes left.
+    """
+
+    deadline: float
+    total_raw_bytes: int
+    sent_raw_bytes: int = 0
+
+    @classmethod
+    def from_ttft(cls, arrival: float, ttft_target_s: float, total_raw_bytes: int,
+                  decode_reserve_s: float = 0.0) -> TransferDeadline:
+        return cls(arrival + ttft_target_s - decode_reserve_s, total_raw_bytes)
+
+    def chunk_budget(self, raw_bytes: int, now: float | None = None) -> float:
+        """Seconds this chunk may take (≤ 0 when the deadline has passed)."""
+        now = time.monotonic() if now is None else now
+        left = self.deadline - now
+        remaining = max(self.total_raw_bytes - self.sent_raw_bytes, raw_bytes)
+        return left * raw_bytes / remaining if left > 0 else left
+
+    def sent(self, raw_bytes: int) -> None:
+        self.sent_raw_bytes += raw_bytes
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The form one chunk travels in, and why."""
+
+    chunk: int
+    level: str
+    """``raw``, a codec level, or ``recompute``."""
+    budget_s: float
+    predicted_s: float
+    bps: float | None
+    reason: str
+
+
+@dataclass
+class LevelPolicy:
+    """Chooses per chunk the best level that arrives in time (see the module docstring)."""
+
+    model: CodecModel
+    estimator: ThroughputEstimator = field(default_factory=ThroughputEstimator)
+    levels: tuple[str, ...] = CODEC_LEVELS
+    allow_raw: bool = True
+    allow_recompute: bool = True
+    start_level: str = "default"
+    """Used for the first chunk when nothing is known of the link yet."""
+    on_decision: Callable[[Decision], None] | None = None
+    """Called with every decision (the sidecar counts them in its metrics)."""
+    name: str = "adaptive"
+
+    def __post_init__(self) -> None:
+        unknown = [lv for lv in self.levels if lv not in self.model.costs]
+        if unknown:
+            raise ValueError(f"no cost figures for levels {unknown}")
+        if self.start_level not in self.levels:
+            raise ValueError(f"start_level {self.start_level!r} is not one of {self.levels}")
+        self._priors = {lv: LevelCost(c.ratio, c.encode_s_per_byte, c.decode_s_per_byte)
+                        for lv, c in self.model.costs.items()}
+        self.counts: dict[str, int] = {}
+        self._last_level: str | None = None
+        self._chunk = 0
+
+    def options(self) -> list[str]:
+        """Candidates, best quality first (raw ranks with lossless)."""
+        return ([RAW] if self.allow_raw else []) + list(self.levels)
+
+    def choose(self, raw_bytes: int, budget_s: float) -> Decision:
+        """The level for the next chunk of ``raw_bytes`` that must arrive within ``budget_s``."""
+        bps = self.estimator.bps
+        if bps is None:
+            decision = Decision(self._chunk, self.start_level, budget_s, math.nan, None,
+                                "no throughput measured yet")
+            return self._record(decision)
+        predicted = {lv: self.model.predict(lv, raw_bytes, bps, self._priors) for lv in self.options()}
+        exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= budget_s]
+        if exact:
+            level = min(exact, key=predicted.__getitem__)
+            reason = ("encoding costs more than it saves" if level == RAW and "lossless" in predicted
+                      else "exact form fits the budget")
+            return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps, reason))
+        for level in self.levels:
+            if predicted[level] <= budget_s:
+                return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps,
+                                             "best level that fits the budget"))
+        lowest = self.levels[-1]
+        if self.allow_recompute:
+            return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[lowest], bps,
+                                         f"even {lowest} misses the budget"))
+        return self._record(Decision(self._chunk, lowest, budget_s, predicted[lowest], bps,
+                                     "misses the budget; recompute not allowed"))
+
+    def _record(self, decision: Decision) -> Decision:
+        self._chunk += 1
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        self.counts[decision.level] = self.counts.get(decision.level, 0) + 1
+        changed = decision.level != self._last_level
+        log.log(logging.INFO if changed else logging.DEBUG,
+                "%s: chunk %d -> %s (predicted %.1f ms, budget %.1f ms, link %s): %s",
+                self.name, decision.chunk, decision.level, decision.predicted_s * 1e3,
+                decision.budget_s * 1e3,
+                "unknown" if decision.bps is None else f"{decision.bps * 8 / 1e6:.0f} Mbit/s",
+                decision.reason)
+        self._last_level = decision.level
+        return decision

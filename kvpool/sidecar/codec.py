@@ -1,0 +1,92 @@
+"""How the sidecar codes a chunk for the wire: ``raw`` or a CacheGen level of the codec.
+
+``raw`` ships the chunk's tensors as they are (a serialized :class:`RawChunk`): the
+baseline, and what works without the codec extension. Every other level is a level of
+:mod:`kvpool.kernels` (``lossless`` is bit-exact; ``default`` is the lossy default).
+Both directions take and return one layer's chunk as a :class:`RawChunk` message.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kvpool.sidecar import chunks
+from kvpool.sidecar.proto import sidecar_pb2 as pb
+
+RAW = "raw"
+"""The level that ships tensors uncompressed."""
+
+
+class ChunkCodecError(ValueError):
+    """A chunk could not be encoded or decoded (unknown level, corrupt payload)."""
+
+
+@functools.cache
+def _kernels():
+    try:
+        from kvpool import kernels
+    except ImportError as exc:  # a broken build of the extension
+        raise ChunkCodecError(f"the codec cannot be loaded: {exc}") from exc
+    if not hasattr(kernels, "encode"):
+        raise ChunkCodecError("the codec is not built in this installation (make kernels)")
+    return kernels
+
+
+def levels() -> tuple[str, ...]:
+    """Every level this installation can code: ``raw`` first, then the codec's."""
+    try:
+        return (RAW, *_kernels().LEVELS)
+    except ChunkCodecError:
+        return (RAW,)
+
+
+def check_level(level: str) -> str:
+    if level not in levels():
+        raise ChunkCodecError(f"unknown transfer level {level!r}; available: {levels()}")
+    return level
+
+
+def encode(chunk: pb.RawChunk, level: str) -> bytes:
+    """One layer's keys and values (a RawChunk, its key aside) -> payload bytes."""
+    if level == RAW:
+        return pb.RawChunk(
+            dtype=chunk.dtype, width=chunk.width, keys=chunk.keys, values=chunk.values
+        ).SerializeToString()
+    kernels = _kernels()
+    try:
+        keys = chunks.from_bytes(chunk.keys, chunk.dtype, chunk.width)
+        values = chunks.from_bytes(chunk.values, chunk.dtype, chunk.width)
+        return kernels.encode(kernels.KVCache(keys=[keys], values=[values]), level=level)
+    except (ValueError, kernels.CodecError) as exc:
+        raise ChunkCodecError(f"cannot encode chunk: {exc}") from exc
+
+
+def decode(payload: bytes, level: str) -> pb.RawChunk:
+    """The inverse of :func:`encode` (the key left empty); ChunkCodecError when malformed."""
+    if level == RAW:
+        raw = pb.RawChunk()
+        try:
+            raw.ParseFromString(payload)
+            keys = chunks.from_bytes(raw.keys, raw.dtype, raw.width)
+            values = chunks.from_bytes(raw.values, raw.dtype, raw.width)
+        except Exception as exc:  # protobuf DecodeError or a size that does not fit
+            raise ChunkCodecError(f"corrupt raw chunk: {exc}") from exc
+        if keys.shape != values.shape:
+            raise ChunkCodecError("corrupt raw chunk: keys and values differ in shape")
+        return raw
+    kernels = _kernels()
+    try:
+        kv = kernels.decode(payload)
+    except kernels.CodecError as exc:
+        raise ChunkCodecError(str(exc)) from exc
+    if len(kv.keys) != 1 or len(kv.values) != 1:
+        raise ChunkCodecError(f"a chunk holds one layer, this one {len(kv.keys)}")
+    keys, values = torch.as_tensor(kv.keys[0]), torch.as_tensor(kv.values[0])
+    return pb.RawChunk(
+        dtype=chunks.dtype_name(keys.dtype),
+        width=keys.shape[1],
+        keys=chunks.to_bytes(keys),
+        values=chunks.to_bytes(values),
+    )

@@ -1,0 +1,118 @@
+"""A NIXL source in a process of its own, driven over a pipe: the prefill side of a transfer.
+
+Benchmarks and tests need the two ends of a NIXL transfer in two processes (NIXL between
+two agents of one process would not show what the wire does). :class:`SourceProcess`
+starts one and forwards calls to its :class:`~kvpool.sidecar.transport_nixl.NixlSource`;
+the pipe carries the agent metadata, the chunks to publish and their locations.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from multiprocessing.connection import Connection
+
+from kvpool.sidecar.transport_nixl import ChunkLocation, TransportError
+
+
+def _serve(conn: Connection, options: dict) -> None:
+    from kvpool.sidecar.transport_nixl import NixlSource
+
+    try:
+        source = NixlSource(**options)
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    stored = b""
+    with source:
+        conn.send(("ok", (source.name, source.metadata())))
+        while True:
+            try:
+                op, arg = conn.recv()
+            except EOFError:
+                return
+            try:
+                if op == "publish":
+                    reply = source.publish(arg).to_bytes()
+                elif op == "store":
+                    stored, reply = arg, len(arg)
+                elif op == "publish_stored":
+                    reply = source.publish(stored, timeout=arg).to_bytes()
+                elif op == "held":
+                    reply = source.held()
+                elif op == "wait_idle":
+                    reply = source.wait_idle(arg)
+                elif op == "close":
+                    conn.send(("ok", None))
+                    return
+                else:
+                    raise ValueError(f"unknown operation {op!r}")
+                conn.send(("ok", reply))
+            except Exception as exc:
+                conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+class SourceProcess:
+    """A :class:`NixlSource` in a child process (``options`` are its keyword arguments)."""
+
+    def __init__(self, **options) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, options), daemon=True)
+        self._proc.start()
+        child.close()
+        self.name, self.metadata = self._reply(timeout=120)
+
+    def _reply(self, timeout: float = 60):
+        if not self._conn.poll(timeout):
+            raise TransportError(f"NIXL source process gave no answer in {timeout} s")
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise TransportError(f"NIXL source process: {value}")
+        return value
+
+    def _call(self, op: str, arg=None, timeout: float = 60):
+        self._conn.send((op, arg))
+        return self._reply(timeout)
+
+    def publish(self, data: bytes) -> ChunkLocation:
+        return ChunkLocation.from_bytes(self._call("publish", data))
+
+    def store(self, data: bytes) -> None:
+        self._call("store", data)
+
+    def publish_stored(self, timeout: float = 10.0) -> ChunkLocation:
+        return ChunkLocation.from_bytes(self._call("publish_stored", timeout, timeout + 60))
+
+    def held(self) -> int:
+        return self._call("held")
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self._call("wait_idle", timeout, timeout + 60)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def kill(self) -> None:
+        """End the process at once (a crashed prefill sidecar)."""
+        self._proc.kill()
+        self._proc.join(10)
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._call("close", timeout=10)
+            except (TransportError, OSError, EOFError):
+                pass
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(10)
+        self._conn.close()
+
+    def __enter__(self) -> SourceProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,426 @@
+"""``kvpool sidecar``: the KV transfer sidecar beside one vLLM worker.
+
+It serves two gRPC services (kvpool/sidecar/proto/sidecar.proto):
+
+* ``Local`` on a unix socket, for its vLLM KV connector (kvpool.sidecar.connector):
+  ``Put`` takes one layer's KV of a prefill step and encodes it at once (raw or a codec
+  level, per chunk), ``Seal`` closes the transfer, ``Load`` streams a transfer's decoded
+  chunks back as they arrive.
+* ``Peer`` on TCP, for the other sidecars: ``Pull`` streams a transfer held here as it is
+  produced; ``Push`` receives one that a prefill sidecar streams here on its own.
+
+Both carry the standard gRPC health service. Prometheus metrics are served over HTTP, logs
+are one JSON object per line on stderr. Once listening, the sidecar prints one JSON line
+on stdout (``{"event": "ready", "local": ..., "peer": ..., "metrics": ...}``; also written
+to ``--ready-file``) so that whoever started it learns the ports it picked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from kvpool.sidecar import codec
+from kvpool.sidecar.metrics import SidecarMetrics
+from kvpool.sidecar.proto import sidecar_pb2 as pb
+from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
+from kvpool.sidecar.store import Transfer, TransferFailed, TransferStore
+from kvpool.sidecar.transport import CHANNEL_OPTIONS, GrpcTransport, PeerTransport, TransportError
+
+log = logging.getLogger("kvpool.sidecar")
+
+
+@dataclass
+class SidecarConfig:
+    """What one sidecar listens on and how it treats transfers."""
+
+    local: str
+    """Address of the Local service for the connector, e.g. ``unix:///run/kvpool/sidecar.sock``."""
+    peer: str = "127.0.0.1:0"
+    """host:port of the Peer service (port 0: pick a free one)."""
+    advertise: str = ""
+    """Peer address that other sidecars use to reach this one; default: the bound ``peer``."""
+    metrics: str = "127.0.0.1:0"
+    """host:port of the Prometheus endpoint; empty: none."""
+    level: str = "raw"
+    """Level of chunks whose connector names none: ``raw`` or a codec level."""
+    lease_s: float = 120.0
+    """Seconds a transfer is held at most, delivered or not: no KV stays longer."""
+    transfer_timeout_s: float = 30.0
+    """Seconds a reader waits for a transfer to complete (also the peer calls' deadline)."""
+    codec_threads: int = 2
+    """Threads that encode and decode chunks (the codec releases the GIL)."""
+
+
+def checksum(payload: bytes) -> int:
+    return google_crc32c.value(payload)
+
+
+class Sidecar:
+    """One sidecar: its transfers, its two gRPC servers and its metrics."""
+
+    def __init__(self, config: SidecarConfig, transport: PeerTransport | None = None) -> None:
+        codec.check_level(config.level)
+        self.config = config
+        self.transport = transport or GrpcTransport()
+        self.store = TransferStore(config.lease_s)
+        self.metrics = SidecarMetrics()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            config.codec_threads, thread_name_prefix="kvpool-codec"
+        )
+        self._tasks: set[asyncio.Task] = set()
+        self._pushing: set[str] = set()
+        self._servers: list[grpc.aio.Server] = []
+        self._metrics_server = None
+        self.peer_address = ""
+        self.metrics_address = ""
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> dict[str, str]:
+        """Listen on every address; returns where (``local``, ``peer``, ``metrics``)."""
+        options = CHANNEL_OPTIONS
+        health_servicer = health.aio.HealthServicer()
+        local = grpc.aio.server(options=options)
+        pb_grpc.add_LocalServicer_to_server(LocalService(self), local)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, local)
+        if not local.add_insecure_port(self.config.local):
+            raise OSError(f"cannot listen on {self.config.local}")
+        peer = grpc.aio.server(options=options)
+        pb_grpc.add_PeerServicer_to_server(PeerService(self), peer)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, peer)
+        host, _, _ = self.config.peer.rpartition(":")
+        port = peer.add_insecure_port(self.config.peer)
+        if not port:
+            raise OSError(f"cannot listen on {self.config.peer}")
+        self.peer_address = self.config.advertise or f"{host}:{port}"
+        self._servers = [local, peer]
+        for server in self._servers:
+            await server.start()
+        if self.config.metrics:
+            m_host, _, m_port = self.config.metrics.rpartition(":")
+            self._metrics_server, _ = start_http_server(
+                int(m_port), addr=m_host, registry=self.metrics.registry
+            )
+            self.metrics_address = f"{m_host}:{self._metrics_server.server_port}"
+        for service in ("", "kvpool.sidecar.v1.Local", "kvpool.sidecar.v1.Peer"):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._spawn(self._expire_forever())
+        return {"local": self.config.local, "peer": self.peer_address,
+                "metrics": self.metrics_address}
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        await self.transport.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _expire_forever(self) -> None:
+        while True:
+            gone = self.store.expire()
+            if gone:
+                self.metrics.expired.inc(len(gone))
+                for transfer in gone:
+                    log.info("lease expired", extra={"transfer": transfer.transfer_id})
+            self.metrics.held.set(len(self.store))
+            await asyncio.sleep(min(1.0, self.config.lease_s / 4))
+
+    # ---- work shared by the services ------------------------------------------------------
+
+    async def run_codec(self, op: str, fn, *args):
+        start = time.perf_counter()
+        result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self.metrics.codec_seconds.labels(op).observe(time.perf_counter() - start)
+        return result
+
+    def start_push(self, transfer: Transfer, peer: str) -> None:
+        """Stream ``transfer`` to ``peer`` as it is produced (once per transfer)."""
+        if transfer.transfer_id in self._pushing:
+            return
+        self._pushing.add(transfer.transfer_id)
+        self._spawn(self._push(transfer, peer))
+
+    async def _push(self, transfer: Transfer, peer: str) -> None:
+        timeout = self.config.transfer_timeout_s
+        try:
+            chunks = await self.transport.push(peer, transfer.messages(timeout), timeout=timeout)
+        except (TransportError, TransferFailed) as exc:
+            self.metrics.failures.labels("prefill", "push").inc()
+            log.warning("push failed", extra={"transfer": transfer.transfer_id, "peer": peer,
+                                              "error": str(exc)})
+        else:
+            self.metrics.wire_bytes.labels("sent").inc(transfer.wire_bytes)
+            log.info("pushed", extra={"transfer": transfer.transfer_id, "peer": peer,
+                                      "chunks": chunks, "wire_bytes": transfer.wire_bytes})
+        finally:
+            self._pushing.discard(transfer.transfer_id)
+
+    def receive(self, transfer: Transfer, message: pb.PeerMessage) -> None:
+        """Add one message from a peer stream to ``transfer``, checking chunk checksums."""
+        kind = message.WhichOneof("item")
+        if kind == "header":
+            if message.header.transfer_id != transfer.transfer_id:
+                transfer.fail("peer", f"stream carries transfer {message.header.transfer_id}")
+        elif kind == "chunk":
+            chunk = message.chunk
+            if checksum(chunk.payload) != chunk.crc32c:
+                transfer.fail("checksum", f"chunk layer {chunk.key.layer} tokens "
+                              f"[{chunk.key.token_start}, {chunk.key.token_end}) is corrupt")
+                return
+            self.metrics.wire_bytes.labels("received").inc(len(chunk.payload))
+            transfer.add(chunk)
+        elif kind == "end":
+            transfer.finish(message.end)
+
+    async def pull(self, transfer: Transfer, peer: str) -> None:
+        """Fill ``transfer`` from the sidecar at ``peer``."""
+        try:
+            async for message in self.transport.pull(
+                peer, transfer.transfer_id, transfer.model,
+                timeout=self.config.transfer_timeout_s,
+            ):
+                self.receive(transfer, message)
+                if transfer.done:
+                    break
+            transfer.fail("peer", f"the stream from {peer} ended early")
+        except TransportError as exc:
+            transfer.fail("peer", str(exc))
+        except TransferFailed as exc:  # a chunk arrived after the transfer closed
+            transfer.fail(exc.reason, str(exc))
+
+
+class LocalService(pb_grpc.LocalServicer):
+    """The connector's API (unix socket)."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
+        s = self.sidecar
+        return pb.InfoReply(peer=s.peer_address, level=s.config.level, levels=codec.levels())
+
+    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutReply:
+        s = self.sidecar
+        level = request.level or s.config.level
+        try:
+            codec.check_level(level)
+            transfer = s.store.open(request.transfer_id, request.model)
+            raw = request.chunk
+            payload = await s.run_codec("encode", codec.encode, raw, level)
+            transfer.add(pb.WireChunk(
+                key=raw.key, level=level, payload=payload, crc32c=checksum(payload),
+                raw_bytes=len(raw.keys) + len(raw.values),
+            ))
+        except (ValueError, TransferFailed) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        s.metrics.chunks.labels("encoded", level).inc()
+        s.metrics.raw_bytes.labels("encoded").inc(len(raw.keys) + len(raw.values))
+        s.metrics.wire_bytes.labels("encoded").inc(len(payload))
+        if request.push_to:
+            s.start_push(transfer, request.push_to)
+        return pb.PutReply(wire_bytes=len(payload))
+
+    async def Seal(self, request: pb.SealRequest, context: grpc.aio.ServicerContext) -> pb.SealReply:
+        s = self.sidecar
+        try:
+            transfer = s.store.open(request.transfer_id, request.model)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        transfer.finish(pb.TransferEnd(
+            num_tokens=request.num_tokens, num_layers=request.num_layers,
+            chunks=len(transfer.chunks), failed=request.failed,
+        ))
+        if request.push_to:
+            s.start_push(transfer, request.push_to)
+        outcome = "failed" if request.failed else "sealed"
+        s.metrics.transfers.labels("prefill", outcome).inc()
+        log.info("transfer " + outcome, extra={
+            "transfer": transfer.transfer_id, "tokens": request.num_tokens,
+            "chunks": len(transfer.chunks), "raw_bytes": transfer.raw_bytes,
+            "wire_bytes": transfer.wire_bytes})
+        return pb.SealReply(raw_bytes=transfer.raw_bytes, wire_bytes=transfer.wire_bytes,
+                            chunks=len(transfer.chunks))
+
+    async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext):
+        s = self.sidecar
+        transfer = s.store.get(request.transfer_id)
+        try:
+            if transfer is None:
+                if not request.expect_push and not request.peer:
+                    await context.abort(grpc.StatusCode.NOT_FOUND,
+                                        f"no transfer {request.transfer_id} and no peer to pull from")
+                transfer = s.store.open(request.transfer_id, request.model)
+                if not request.expect_push:
+                    s._spawn(s.pull(transfer, request.peer))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        start = time.perf_counter()
+        try:
+            async for item in transfer.follow(s.config.transfer_timeout_s):
+                if isinstance(item, pb.TransferEnd):
+                    yield pb.LoadReply(end=item)
+                    break
+                if item.key.token_end <= request.first_token:
+                    continue
+                raw = await s.run_codec("decode", codec.decode, item.payload, item.level)
+                raw.key.CopyFrom(item.key)
+                s.metrics.chunks.labels("decoded", item.level).inc()
+                s.metrics.raw_bytes.labels("decoded").inc(len(raw.keys) + len(raw.values))
+                yield pb.LoadReply(chunk=raw)
+        except (TransferFailed, codec.ChunkCodecError) as exc:
+            reason = exc.reason if isinstance(exc, TransferFailed) else "codec"
+            s.metrics.failures.labels("decode", reason).inc()
+            s.metrics.transfers.labels("decode", "failed").inc()
+            log.warning("load failed", extra={"transfer": request.transfer_id,
+                                              "reason": reason, "error": str(exc)})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            s.store.drop(request.transfer_id)
+        s.metrics.transfers.labels("decode", "loaded").inc()
+        s.metrics.chunk_latency.observe(time.perf_counter() - start)
+        log.info("transfer loaded", extra={
+            "transfer": request.transfer_id, "chunks": len(transfer.chunks),
+            "raw_bytes": transfer.raw_bytes, "wire_bytes": transfer.wire_bytes,
+            "seconds": round(time.perf_counter() - transfer.created_at, 4)})
+
+
+class PeerService(pb_grpc.PeerServicer):
+    """The other sidecars' API (TCP)."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext):
+        s = self.sidecar
+        transfer = s.store.get(request.transfer_id)
+        if transfer is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no transfer {request.transfer_id} here (lease expired?)")
+        if request.model and transfer.model != request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"transfer {request.transfer_id} is of model {transfer.model!r}")
+        try:
+            async for message in transfer.messages(s.config.transfer_timeout_s):
+                if message.WhichOneof("item") == "chunk":
+                    s.metrics.wire_bytes.labels("sent").inc(len(message.chunk.payload))
+                yield message
+        except TransferFailed as exc:
+            s.metrics.failures.labels("prefill", exc.reason).inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def Push(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.PushReply:
+        s = self.sidecar
+        transfer: Transfer | None = None
+        try:
+            async for message in request_iterator:
+                if transfer is None:
+                    if message.WhichOneof("item") != "header":
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            "a pushed stream starts with its header")
+                    transfer = s.store.open(message.header.transfer_id, message.header.model)
+                s.receive(transfer, message)
+            if transfer is not None and not transfer.done:
+                transfer.fail("peer", "the pushed stream ended early")
+        except (asyncio.CancelledError, grpc.aio.AioRpcError, TransferFailed) as exc:
+            if transfer is not None:
+                transfer.fail("peer", f"the pushed stream broke: {exc!r}")
+            raise
+        return pb.PushReply(chunks=len(transfer.chunks) if transfer else 0)
+
+
+# ---- command line ----------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message and any ``extra`` fields."""
+
+    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    d = SidecarConfig(local="")
+    parser.add_argument("--local", required=True,
+                        help="address for the connector, e.g. unix:///run/kvpool/sidecar.sock")
+    parser.add_argument("--peer", default=d.peer, help="host:port for other sidecars (port 0: any)")
+    parser.add_argument("--advertise", default=d.advertise,
+                        help="peer address other sidecars reach this one at (default: --peer)")
+    parser.add_argument("--metrics", default=d.metrics,
+                        help="host:port of the Prometheus endpoint ('' for none)")
+    parser.add_argument("--level", default=d.level, choices=codec.levels(),
+                        help="level of chunks whose connector names none")
+    parser.add_argument("--lease", type=float, default=d.lease_s, dest="lease_s",
+                        help="seconds a transfer is held at most")
+    parser.add_argument("--transfer-timeout", type=float, default=d.transfer_timeout_s,
+                        dest="transfer_timeout_s",
+                        help="seconds to wait for a transfer to complete")
+    parser.add_argument("--codec-threads", type=int, default=d.codec_threads)
+    parser.add_argument("--ready-file", help="also write the ready line to this file")
+    parser.add_argument("--log-level", default="info")
+
+
+async def serve(config: SidecarConfig, ready_file: str | None = None) -> None:
+    sidecar = Sidecar(config)
+    endpoints = await sidecar.start()
+    line = json.dumps({"event": "ready", "pid": os.getpid(), **endpoints})
+    if ready_file:
+        tmp = Path(f"{ready_file}.tmp")
+        tmp.write_text(line + "\n")
+        tmp.replace(ready_file)  # atomic: a reader never sees half a line
+    print(line, flush=True)
+    log.info("ready", extra=endpoints)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await sidecar.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    config = SidecarConfig(
+        local=args.local, peer=args.peer, advertise=args.advertise, metrics=args.metrics,
+        level=args.level, lease_s=args.lease_s, transfer_timeout_s=args.transfer_timeout_s,
+        codec_threads=args.codec_threads,
+    )
+    asyncio.run(serve(config, args.ready_file))
+    return 0

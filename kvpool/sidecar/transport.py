@@ -1,0 +1,94 @@
+"""How encoded chunks travel between sidecars.
+
+:class:`PeerTransport` is the interface the sidecar uses; a transfer crosses it as a
+stream of :class:`PeerMessage` (a header, chunks, an end). :class:`GrpcTransport`
+implements it with the ``Peer`` gRPC service: HTTP/2 flow control paces the stream,
+each call carries a deadline, and each chunk a CRC-32C of its payload (checked by the
+receiving sidecar). Other transports (NIXL) implement the same two methods.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvpool.sidecar.proto import sidecar_pb2 as pb
+from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 256 << 20
+"""Largest gRPC message accepted or sent (a chunk: one layer of a prefill step)."""
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Large chunks: let HTTP/2 windows grow to the bandwidth-delay product quickly.
+    ("grpc.http2.bdp_probe", 1),
+    ("grpc.http2.lookahead_bytes", 4 << 20),
+)
+
+
+class TransportError(RuntimeError):
+    """The peer could not be reached or the stream broke."""
+
+
+class PeerTransport(abc.ABC):
+    """Moves a transfer's messages to or from another sidecar."""
+
+    @abc.abstractmethod
+    def pull(
+        self, peer: str, transfer_id: str, model: str, *, timeout: float
+    ) -> AsyncIterator[pb.PeerMessage]:
+        """The transfer held by ``peer``, as it is produced: header, chunks, end."""
+
+    @abc.abstractmethod
+    async def push(
+        self, peer: str, messages: AsyncIterator[pb.PeerMessage], *, timeout: float
+    ) -> int:
+        """Stream a transfer to ``peer``; returns how many chunks it took."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class GrpcTransport(PeerTransport):
+    """The ``Peer`` gRPC service over TCP, one channel per peer address."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, peer: str) -> pb_grpc.PeerStub:
+        channel = self._channels.get(peer)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS)
+            self._channels[peer] = channel
+        return pb_grpc.PeerStub(channel)
+
+    async def pull(
+        self, peer: str, transfer_id: str, model: str, *, timeout: float
+    ) -> AsyncIterator[pb.PeerMessage]:
+        call = self._stub(peer).Pull(
+            pb.PullRequest(transfer_id=transfer_id, model=model), timeout=timeout
+        )
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(f"pull from {peer}: {exc.code().name}: {exc.details()}") from exc
+        finally:
+            call.cancel()
+
+    async def push(
+        self, peer: str, messages: AsyncIterator[pb.PeerMessage], *, timeout: float
+    ) -> int:
+        try:
+            reply = await self._stub(peer).Push(messages, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(f"push to {peer}: {exc.code().name}: {exc.details()}") from exc
+        return reply.chunks
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

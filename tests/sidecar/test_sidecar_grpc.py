@@ -1,0 +1,189 @@
+"""The sidecar over real gRPC (unix socket + loopback TCP), without engines: transfers
+pulled and pushed between two sidecars, checksums, leases, failures, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+import pytest_asyncio
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvpool.sidecar import chunks, codec
+from kvpool.sidecar.proto import sidecar_pb2 as pb
+from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
+from kvpool.sidecar.server import Sidecar, SidecarConfig, checksum
+
+MODEL = "test-model"
+WIDTH = 192
+LAYERS = 3
+
+
+def make_chunk(layer: int, start: int, end: int, tokens: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed * 1000 + layer * 100 + start)
+    keys = torch.randn(end - start, WIDTH, generator=g).to(torch.bfloat16)
+    values = torch.randn(end - start, WIDTH, generator=g).to(torch.bfloat16)
+    raw = pb.RawChunk(
+        key=pb.ChunkKey(layer=layer, token_start=start, token_end=end,
+                        prefix_hash=chunks.prefix_hash(MODEL, tokens, end)),
+        dtype="bfloat16", width=WIDTH, keys=chunks.to_bytes(keys), values=chunks.to_bytes(values),
+    )
+    return raw, keys, values
+
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def pair(tmp_path):
+    """A prefill and a decode sidecar, each with a Local client (unix socket)."""
+    sidecars, channels = [], []
+    for name in ("prefill", "decode"):
+        s = Sidecar(SidecarConfig(local=f"unix://{tmp_path}/{name}.sock", lease_s=30,
+                                  transfer_timeout_s=5))
+        await s.start()
+        sidecars.append(s)
+        channels.append(grpc.aio.insecure_channel(s.config.local))
+    yield sidecars, [pb_grpc.LocalStub(c) for c in channels]
+    for c in channels:
+        await c.close()
+    for s in sidecars:
+        await s.stop(grace=0)
+
+
+async def put_transfer(local, tid, tokens, ranges, push_to="", level="raw"):
+    sent = {}
+    for start, end in ranges:
+        for layer in range(LAYERS):
+            raw, k, v = make_chunk(layer, start, end, tokens)
+            await local.Put(pb.PutRequest(transfer_id=tid, model=MODEL, level=level,
+                                          push_to=push_to, chunk=raw))
+            sent[layer, start] = (k, v)
+    await local.Seal(pb.SealRequest(transfer_id=tid, model=MODEL, num_tokens=ranges[-1][1],
+                                    num_layers=LAYERS, push_to=push_to))
+    return sent
+
+
+async def load_all(local, request):
+    got, end = {}, None
+    async for reply in local.Load(request):
+        if reply.WhichOneof("item") == "end":
+            end = reply.end
+        else:
+            c = reply.chunk
+            got[c.key.layer, c.key.token_start] = (
+                chunks.from_bytes(c.keys, c.dtype, c.width),
+                chunks.from_bytes(c.values, c.dtype, c.width),
+            )
+    return got, end
+
+
+async def test_pull_delivers_every_chunk_bit_exact(pair):
+    (prefill, decode), (p_local, d_local) = pair
+    tokens = list(range(100))
+    sent = await put_transfer(p_local, "t1", tokens, [(0, 64), (64, 100)])
+    got, end = await load_all(d_local, pb.LoadRequest(
+        transfer_id="t1", model=MODEL, peer=prefill.peer_address))
+    assert end.num_tokens == 100 and end.chunks == 2 * LAYERS
+    assert got.keys() == sent.keys()
+    for key, (k, v) in sent.items():
+        assert torch.equal(got[key][0], k) and torch.equal(got[key][1], v)
+    assert decode.store.get("t1") is None, "a delivered transfer is not kept"
+
+
+async def test_push_streams_while_produced_and_load_follows(pair):
+    (_prefill, decode), (p_local, d_local) = pair
+    tokens = list(range(64))
+    load = asyncio.create_task(load_all(d_local, pb.LoadRequest(
+        transfer_id="t2", model=MODEL, expect_push=True)))
+    await asyncio.sleep(0.1)  # the decode side waits before anything was produced
+    sent = await put_transfer(p_local, "t2", tokens, [(0, 32), (32, 64)],
+                              push_to=decode.peer_address)
+    got, end = await asyncio.wait_for(load, 10)
+    assert end.chunks == 2 * LAYERS and got.keys() == sent.keys()
+    assert all(torch.equal(got[k][0], sent[k][0]) for k in sent)
+
+
+async def test_first_token_skips_chunks_already_computed(pair):
+    (prefill, _decode), (p_local, d_local) = pair
+    await put_transfer(p_local, "t3", list(range(96)), [(0, 32), (32, 64), (64, 96)])
+    got, _ = await load_all(d_local, pb.LoadRequest(
+        transfer_id="t3", model=MODEL, peer=prefill.peer_address, first_token=64))
+    assert {start for _, start in got} == {64}
+
+
+async def test_unknown_transfer_fails_cleanly_and_is_counted(pair):
+    (prefill, decode), (_p_local, d_local) = pair
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await load_all(d_local, pb.LoadRequest(transfer_id="nope", model=MODEL,
+                                               peer=prefill.peer_address))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "NOT_FOUND" in err.value.details()
+    assert decode.metrics.failures.labels("decode", "peer")._value.get() == 1
+
+
+async def test_dead_peer_fails_the_load(pair, tmp_path):
+    (prefill, decode), (p_local, d_local) = pair
+    await put_transfer(p_local, "t4", list(range(32)), [(0, 32)])
+    address = prefill.peer_address
+    await prefill.stop(grace=0)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await load_all(d_local, pb.LoadRequest(transfer_id="t4", model=MODEL, peer=address))
+    assert decode.metrics.failures.labels("decode", "peer")._value.get() == 1
+
+
+async def test_producer_failure_reaches_the_reader(pair):
+    (prefill, _decode), (p_local, d_local) = pair
+    raw, _, _ = make_chunk(0, 0, 32, list(range(32)))
+    await p_local.Put(pb.PutRequest(transfer_id="t5", model=MODEL, chunk=raw))
+    await p_local.Seal(pb.SealRequest(transfer_id="t5", model=MODEL, num_tokens=32,
+                                      num_layers=LAYERS, failed=True))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await load_all(d_local, pb.LoadRequest(transfer_id="t5", model=MODEL,
+                                               peer=prefill.peer_address))
+
+
+async def test_corrupt_chunk_is_refused_by_checksum(pair):
+    (_prefill, decode), _ = pair
+    transfer = decode.store.open("t6", MODEL)
+    raw, _, _ = make_chunk(0, 0, 32, list(range(32)))
+    payload = codec.encode(raw, "raw")
+    bad = pb.WireChunk(key=raw.key, level="raw", payload=payload[:-1] + b"\x00",
+                       crc32c=checksum(payload), raw_bytes=len(payload))
+    decode.receive(transfer, pb.PeerMessage(chunk=bad))
+    assert transfer.error is not None and transfer.error.reason == "checksum"
+
+
+async def test_lease_drops_held_kv(pair):
+    (prefill, _), (p_local, _) = pair
+    await put_transfer(p_local, "t7", list(range(32)), [(0, 32)])
+    transfer = prefill.store.get("t7")
+    assert prefill.store.expire(now=transfer.expires_at + 1) == [transfer]
+    assert prefill.store.get("t7") is None
+
+
+async def test_bad_input_is_a_clear_error(pair):
+    (_, _), (p_local, _) = pair
+    raw, _, _ = make_chunk(0, 0, 32, list(range(32)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await p_local.Put(pb.PutRequest(transfer_id="t8", model=MODEL, level="nonsense",
+                                        chunk=raw))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown transfer level" in err.value.details()
+
+
+async def test_health_metrics_and_info(pair):
+    (prefill, _), (p_local, _) = pair
+    async with grpc.aio.insecure_channel(prefill.config.local) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    info = await p_local.Info(pb.InfoRequest())
+    assert info.peer == prefill.peer_address and "raw" in info.levels
+    await put_transfer(p_local, "t9", list(range(32)), [(0, 32)])
+    url = f"http://{prefill.metrics_address}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+    assert 'kvpool_sidecar_raw_bytes_total{direction="encoded"} ' in text
+    assert 'kvpool_sidecar_chunks_total{direction="encoded",level="raw"} 3.0' in text

@@ -1,0 +1,156 @@
+"""Adaptive level choice with figures measured here: the real codec on real KV, a real socket."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+import time
+
+import pytest
+
+from kvpool.kernels import LEVELS
+from kvpool.sidecar.adaptive import (
+    CODEC_LEVELS, RAW, RECOMPUTE, CodecModel, LevelPolicy, ThroughputEstimator,
+    TransferDeadline,
+)
+from kvpool.sidecar.health import TransferHealth
+
+MB = 1_000_000
+CHUNK = 4 * MB
+MBIT = 1e6 / 8
+
+
+def _loopback_rate(nbytes: int = 32 * MB, chunk: int = 1 << 20) -> list[tuple[int, float]]:
+    """Send ``nbytes`` over a real TCP loopback connection; (bytes, seconds) per MiB acked."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        with conn:
+            got = 0
+            while got < nbytes:
+                data = conn.recv(1 << 20)
+                got += len(data)
+                if got // chunk != (got - len(data)) // chunk:
+                    conn.sendall(b"k")
+
+    thread = threading.Thread(target=sink, daemon=True)
+    thread.start()
+    samples = []
+    payload = bytes(chunk)
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        for _ in range(nbytes // chunk):
+            t0 = time.perf_counter()
+            client.sendall(payload)
+            client.recv(1)
+            samples.append((chunk, time.perf_counter() - t0))
+    thread.join(10)
+    server.close()
+    return samples
+
+
+def test_levels_match_the_codec():
+    assert CODEC_LEVELS == LEVELS
+
+
+def test_estimator_follows_a_real_link_and_drops_at_once():
+    est = ThroughputEstimator()
+    assert est.bps is None
+    for nbytes, seconds in _loopback_rate():
+        est.observe(nbytes, seconds)
+    fast = est.bps
+    assert fast > 100 * MBIT, f"loopback measured at only {fast * 8 / 1e6:.0f} Mbit/s"
+    est.observe(CHUNK, CHUNK / (100 * MBIT))
+    assert est.bps == pytest.approx(100 * MBIT), "a slower chunk lowers the estimate at once"
+    est.observe(CHUNK, CHUNK / fast)
+    assert 100 * MBIT < est.bps < fast, "a faster chunk raises it gradually"
+
+
+def test_codec_figures_are_sane(codec_model):
+    ratios = [codec_model.costs[lv].ratio for lv in LEVELS]
+    print({lv: round(r, 3) for lv, r in zip(LEVELS, ratios)})
+    assert ratios == sorted(ratios, reverse=True), "lower levels compress more"
+    assert ratios[-1] < 0.25 < ratios[0] < 1.0
+
+
+def test_fast_link_sends_raw(codec_model):
+    est = ThroughputEstimator()
+    for nbytes, seconds in _loopback_rate():
+        est.observe(nbytes, seconds)
+    policy = LevelPolicy(copy.deepcopy(codec_model), est)
+    decision = policy.choose(CHUNK, budget_s=1.0)
+    assert decision.level == RAW
+    assert decision.reason == "encoding costs more than it saves"
+    assert decision.predicted_s < codec_model.predict("lossless", CHUNK, est.bps, {})
+
+
+def _slow_link(model: CodecModel) -> float:
+    """100 Mbit/s, or slower where this machine's codec is too slow (busy CPU) for the
+    lowest level to beat raw by 3x there."""
+    lowest = model.costs["lowest"]
+    pays = (1 - 3 * lowest.ratio) / (3 * (lowest.encode_s_per_byte + lowest.decode_s_per_byte))
+    return min(100 * MBIT, pays)
+
+
+def test_slow_link_lowers_the_level_as_the_budget_shrinks(codec_model):
+    slow = _slow_link(codec_model)
+    policy = LevelPolicy(copy.deepcopy(codec_model), ThroughputEstimator(initial_bps=slow))
+    raw_s = CHUNK / slow
+    lowest_s = codec_model.predict("lowest", CHUNK, slow, {})
+    assert lowest_s < raw_s / 2, "on a slow link the codec pays for itself"
+    budgets = [raw_s * 1.01] + [lowest_s + (raw_s - lowest_s) * f for f in (0.8, 0.5, 0.3, 0.1)]
+    chosen = [policy.choose(CHUNK, b).level for b in budgets]
+    order = [RAW, *LEVELS]
+    ranks = [order.index(lv) for lv in chosen]
+    assert chosen[0] == RAW and ranks == sorted(ranks) and chosen[-1] != RAW, chosen
+    assert policy.choose(CHUNK, lowest_s * 0.5).level == RECOMPUTE
+    strict = LevelPolicy(copy.deepcopy(codec_model), ThroughputEstimator(initial_bps=slow),
+                         allow_recompute=False)
+    assert strict.choose(CHUNK, lowest_s * 0.5).level == "lowest"
+
+
+def test_first_chunk_without_a_measurement_uses_the_start_level(codec_model):
+    policy = LevelPolicy(copy.deepcopy(codec_model), start_level="low")
+    decision = policy.choose(CHUNK, 1.0)
+    assert decision.level == "low" and decision.bps is None
+
+
+def test_decisions_are_counted_and_reported(codec_model):
+    health = TransferHealth()
+    policy = LevelPolicy(copy.deepcopy(codec_model), ThroughputEstimator(initial_bps=100 * MBIT),
+                         on_decision=lambda d: health.chunk(d.level))
+    for budget in (10.0, 10.0, 0.0):
+        policy.choose(CHUNK, budget)
+    assert policy.counts == {RAW: 2, RECOMPUTE: 1}
+    assert health.summary()["level_mix"] == {RAW: 2 / 3, RECOMPUTE: 1 / 3}
+
+
+def test_measured_chunks_correct_the_estimates(codec_model):
+    model = copy.deepcopy(codec_model)
+    priors = copy.deepcopy(codec_model.costs)
+    before = model.predict("low", CHUNK, 100 * MBIT, priors)
+    model.observe("default", CHUNK, int(CHUNK * priors["default"].ratio * 1.5), encode_s=0.05)
+    assert model.costs["default"].ratio == pytest.approx(priors["default"].ratio * 1.5)
+    assert model.predict("low", CHUNK, 100 * MBIT, priors) > before, \
+        "an unmeasured level follows the drift of the measured ones"
+
+
+def test_deadline_shares_time_by_raw_bytes():
+    d = TransferDeadline.from_ttft(arrival=100.0, ttft_target_s=2.0, total_raw_bytes=4 * CHUNK,
+                                   decode_reserve_s=0.4)
+    assert d.deadline == pytest.approx(101.6)
+    assert d.chunk_budget(CHUNK, now=100.0) == pytest.approx(0.4)
+    d.sent(CHUNK)
+    assert d.chunk_budget(CHUNK, now=101.0) == pytest.approx(0.2)
+    assert d.chunk_budget(CHUNK, now=102.0) < 0
+
+
+def test_bad_configuration_is_refused(codec_model):
+    with pytest.raises(ValueError, match="alpha"):
+        ThroughputEstimator(alpha=0)
+    with pytest.raises(ValueError, match="start_level"):
+        LevelPolicy(codec_model, start_level="fastest")
+    with pytest.raises(ValueError, match="no cost figures"):
+        LevelPolicy(CodecModel({}), levels=LEVELS)
