@@ -45,6 +45,9 @@ class Memo:
 
     settings: OperatorSettings
     client: kube.Client
+    reconciled: dict[str, tuple[int, str | None]] = dataclasses.field(default_factory=dict)
+    """By pool uid: the (generation, inputs hash) reconcile() last wrote status for, known
+    here before the pool's own watch event brings that status to the ``pools`` index."""
 
 
 def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
@@ -117,8 +120,9 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
-def _write_status(memo: Memo, p: plan.Plan, live: list[Child],
-                  problem: tuple[str, str] | None = None, missing: Iterable[str] = ()) -> None:
+def _status_patch(p: plan.Plan, live: list[Child], problem: tuple[str, str] | None = None,
+                  missing: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The pool's status to apply, or None when it would change nothing (pure, cheap)."""
     new = status.compute(
         pool=p.pool,
         generation=p.generation,
@@ -131,14 +135,23 @@ def _write_status(memo: Memo, p: plan.Plan, live: list[Child],
         previous=p.status.get("conditions", []),
     )
     if status.same(new, p.status):
-        return
-    body = {
+        return None
+    return {
         "apiVersion": api.API_VERSION,
         "kind": api.KIND,
         "metadata": {"name": p.pool.name, "namespace": p.pool.namespace},
         "status": new,
     }
-    memo.client.apply(body, memo.settings.apply.status_field_manager, subresource="status")
+
+
+def _apply_status(memo: Memo, body: dict[str, Any] | None) -> None:
+    if body is not None:
+        memo.client.apply(body, memo.settings.apply.status_field_manager, subresource="status")
+
+
+def _write_status(memo: Memo, p: plan.Plan, live: list[Child],
+                  problem: tuple[str, str] | None = None, missing: Iterable[str] = ()) -> None:
+    _apply_status(memo, _status_patch(p, live, problem, missing))
 
 
 def _missing(p: plan.Plan, live: Iterable[Mapping[str, Any]]) -> list[plan.ChildKey]:
@@ -195,6 +208,7 @@ def reconcile(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -
             raise kopf.TemporaryError(message, delay=60) from exc
         logger.info(f"applied {len(to_apply)} children (inputs {p.digest})")
     _write_status(memo, p, _live_children(p.pool.namespace, p.pool.name, kwargs))
+    memo.reconciled[p.pool.uid] = (p.generation, p.digest)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
@@ -207,6 +221,7 @@ def cleanup(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -> 
         if _owned_by(obj, meta["uid"]):
             api_version, kind, name = children.key(obj)
             deleted += memo.client.delete(api_version, kind, meta["namespace"], name)
+    memo.reconciled.pop(meta["uid"], None)
     logger.info(f"deleted {deleted} children")
 
 
@@ -237,11 +252,13 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
         logger.info(f"restored {key[1]} {key[2]}: it was {what}")
     # Status moves to a new generation only in reconcile(), once every child is applied;
     # until then, a Deployment's news would report the new inputs too early.
-    reconciled = (p.status.get("observedGeneration") == p.generation
-                  and p.status.get("inputsHash") == p.digest)
+    reconciled = (memo.reconciled.get(p.pool.uid) == (p.generation, p.digest)
+                  or (p.status.get("observedGeneration") == p.generation
+                      and p.status.get("inputsHash") == p.digest))
     if key[1] == "Deployment" and reconciled:
-        live = _live_children(namespace, pool_name, kwargs)
-        await asyncio.to_thread(_write_status, memo, p, live)
+        new = _status_patch(p, _live_children(namespace, pool_name, kwargs))
+        if new is not None:  # most Deployment news changes no count: no thread, no write
+            await asyncio.to_thread(_apply_status, memo, new)
 
 
 for _group, _version, _plural in CHILD_RESOURCES:

@@ -81,7 +81,7 @@ def _rendered(pool: children.PoolRef, spec_json: str, settings: RenderSettings) 
     return {
         "spec": spec,
         "problem": None,
-        "digest": children.inputs_hash(spec, settings),
+        "digest": objects[0]["metadata"]["annotations"][children.HASH_ANNOTATION],
         "children": {children.key(obj): obj for obj in objects},
         "endpoint": children.router_endpoint(pool, spec, settings),
     }

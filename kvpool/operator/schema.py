@@ -95,8 +95,10 @@ def _copy(value: Any) -> Any:
     return value  # dataclasses here are frozen: sharing them is safe
 
 
+@functools.cache
 def json_name(f: dataclasses.Field[Any]) -> str:
-    """The field's JSON name: explicit, else the Python name in camelCase."""
+    """The field's JSON name: explicit, else the Python name in camelCase (cached: every
+    dump of a spec asks for every field's)."""
     if f.metadata.get("name"):
         return str(f.metadata["name"])
     head, *rest = f.name.split("_")
