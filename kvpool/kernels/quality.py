@@ -11,6 +11,9 @@ A :class:`QualityHarness` holds a real prompt's original KV cache (from
   the decoded KV would reproduce exactly.)
 - ``ppl_delta_pct``: the perplexity of the text's next 256 tokens conditioned on the
   decoded KV, relative to the original, in percent.
+- ``kl``: the mean KL divergence (nats) from the original next-token distributions to the
+  decoded ones over the same 256 positions: a smoother figure than the perplexity of one
+  text, which moves by a few percent either way when a handful of tokens change rank.
 
 Both continue from the cache exactly as a decode worker would: the first continuation
 token is fed as input, at the position after the prompt; the keys in the cache are
@@ -37,6 +40,7 @@ class Quality:
     greedy_prefix: float
     ppl: float
     ppl_delta_pct: float
+    kl: float
 
 
 class QualityHarness:
@@ -56,7 +60,8 @@ class QualityHarness:
             # The greedy path fed back as input: step i sees the first token and steps < i.
             self._greedy_inputs = torch.cat([first, generated[:-1]])
             self._reference_tokens = self._argmax_path(real.kv)
-            self._reference_nll = self._nll(real.kv)
+            self._reference_logp = self._logp(real.kv)
+            self._reference_nll = self._nll(self._reference_logp)
 
     @property
     def reference_ppl(self) -> float:
@@ -65,7 +70,10 @@ class QualityHarness:
     def measure(self, kv: KVCache) -> Quality:
         with torch.inference_mode():
             tokens = self._argmax_path(kv)
-            nll = self._nll(kv)
+            logp = self._logp(kv)
+            nll = self._nll(logp)
+            ref = self._reference_logp
+            kl = float((ref.exp() * (ref - logp)).sum(-1).mean())
         same = tokens == self._reference_tokens
         flips = torch.nonzero(~same)
         first_flip = int(flips[0]) if flips.numel() else same.numel()
@@ -74,6 +82,7 @@ class QualityHarness:
             greedy_prefix=first_flip / same.numel(),
             ppl=math.exp(nll),
             ppl_delta_pct=100.0 * math.expm1(nll - self._reference_nll),
+            kl=max(kl, 0.0),
         )
 
     def _logits(self, kv: KVCache, inputs: torch.Tensor) -> torch.Tensor:
@@ -95,7 +104,10 @@ class QualityHarness:
     def _argmax_path(self, kv: KVCache) -> torch.Tensor:
         return self._logits(kv, self._greedy_inputs).argmax(-1)
 
-    def _nll(self, kv: KVCache) -> float:
-        ids = self.real.next_ids[: self.ppl_tokens + 1]
-        logits = self._logits(kv, ids[:-1])
-        return float(F.cross_entropy(logits, ids[1:]))
+    def _logp(self, kv: KVCache) -> torch.Tensor:
+        """Next-token log-probabilities at each of the text's next ``ppl_tokens`` positions."""
+        return F.log_softmax(self._logits(kv, self.real.next_ids[: self.ppl_tokens]), dim=-1)
+
+    def _nll(self, logp: torch.Tensor) -> float:
+        targets = self.real.next_ids[1 : self.ppl_tokens + 1]
+        return float(F.nll_loss(logp, targets))

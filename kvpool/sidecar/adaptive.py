@@ -21,6 +21,7 @@ sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEB
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -41,37 +42,36 @@ EXACT_LEVELS = frozenset({RAW, "lossless"})
 class ThroughputEstimator:
     """Link throughput seen by the sender, in bytes per second.
 
-    Each sample is the bytes of one chunk and the seconds from starting to send it to its
-    acknowledgement. The estimate is the lower of an exponentially weighted mean of the
-    samples' rates and the latest rate: it drops at once when the link slows down (a late
-    chunk is costly) and rises over a few chunks when it speeds up.
+    Each sample is the bytes of one chunk and the seconds it spent on the wire (from
+    handing it to the stream, or the previous acknowledgement, to its own). The estimate
+    is the harmonic mean of the last ``window`` samples' rates (as robustMPC does): one
+    slow chunk pulls it down at once (a late chunk is costly), one fast outlier barely
+    lifts it, and a lasting change takes over within ``window`` chunks.
     """
 
-    def __init__(self, *, alpha: float = 0.5, initial_bps: float | None = None) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    def __init__(self, *, window: int = 3, initial_bps: float | None = None) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
         if initial_bps is not None and initial_bps <= 0:
             raise ValueError(f"initial_bps must be positive, got {initial_bps}")
-        self.alpha = alpha
-        self._ewma = initial_bps
-        self._last = initial_bps
+        self._rates: collections.deque[float] = collections.deque(maxlen=window)
+        if initial_bps is not None:
+            self._rates.append(initial_bps)
         self.samples = 0
 
     def observe(self, nbytes: int, seconds: float) -> None:
-        """Record that ``nbytes`` took ``seconds`` to be delivered."""
+        """Record that ``nbytes`` took ``seconds`` on the wire."""
         if nbytes <= 0 or seconds <= 0:
             return
-        rate = nbytes / seconds
-        self._last = rate
-        self._ewma = rate if self._ewma is None else self.alpha * rate + (1 - self.alpha) * self._ewma
+        self._rates.append(nbytes / seconds)
         self.samples += 1
 
     @property
     def bps(self) -> float | None:
         """The estimate, or None before the first sample when no initial guess was given."""
-        if self._ewma is None or self._last is None:
+        if not self._rates:
             return None
-        return min(self._ewma, self._last)
+        return len(self._rates) / sum(1 / r for r in self._rates)
 
 
 @dataclass
@@ -138,13 +138,17 @@ class CodecModel:
                    if c.measured and lv in priors and priors[lv].ratio > 0]
         return math.exp(sum(map(math.log, factors)) / len(factors)) if factors else 1.0
 
-    def predict(self, level: str, raw_bytes: int, bps: float, priors: dict[str, LevelCost]) -> float:
-        """Seconds from starting to encode a chunk to having it decoded on the far side."""
+    def predict(self, level: str, raw_bytes: int, bps: float, priors: dict[str, LevelCost],
+                *, overlap: bool = False) -> float:
+        """Seconds a chunk costs: encode, wire and decode one after the other, or with
+        ``overlap`` (a pipelined stream: chunk i+1 encodes while chunk i is on the wire and
+        chunk i-1 decodes) the slowest of the three."""
         if level == RAW:
             return raw_bytes / bps
         cost = self.costs[level]
         ratio = cost.ratio if cost.measured else cost.ratio * self._drift(priors)
-        return raw_bytes * (cost.encode_s_per_byte + ratio / bps + cost.decode_s_per_byte)
+        stages = (cost.encode_s_per_byte, ratio / bps, cost.decode_s_per_byte)
+        return raw_bytes * (max(stages) if overlap else sum(stages))
 
     def expected_bytes(self, level: str, raw_bytes: int) -> int:
         return raw_bytes if level == RAW else int(raw_bytes * self.costs[level].ratio)
@@ -211,6 +215,8 @@ class LevelPolicy:
     allow_recompute: bool = True
     start_level: str = "default"
     """Used for the first chunk when nothing is known of the link yet."""
+    overlap: bool = False
+    """The stream is pipelined (encode, wire and decode of successive chunks overlap)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called with every decision (the sidecar counts them in its metrics)."""
     name: str = "adaptive"
@@ -238,7 +244,8 @@ class LevelPolicy:
             decision = Decision(self._chunk, self.start_level, budget_s, math.nan, None,
                                 "no throughput measured yet")
             return self._record(decision)
-        predicted = {lv: self.model.predict(lv, raw_bytes, bps, self._priors) for lv in self.options()}
+        predicted = {lv: self.model.predict(lv, raw_bytes, bps, self._priors, overlap=self.overlap)
+                     for lv in self.options()}
         exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= budget_s]
         if exact:
             level = min(exact, key=predicted.__getitem__)

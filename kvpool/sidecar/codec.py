@@ -56,11 +56,17 @@ def encode(chunk: pb.RawChunk, level: str) -> bytes:
         ).SerializeToString()
     kernels = _kernels()
     try:
-        keys = chunks.from_bytes(chunk.keys, chunk.dtype, chunk.width)
-        values = chunks.from_bytes(chunk.values, chunk.dtype, chunk.width)
-        return kernels.encode(kernels.KVCache(keys=[keys], values=[values]), level=level)
+        return kernels.encode(to_kvcache(chunk), level=level)
     except (ValueError, kernels.CodecError) as exc:
         raise ChunkCodecError(f"cannot encode chunk: {exc}") from exc
+
+
+def to_kvcache(chunk: pb.RawChunk):
+    """One layer's chunk as the codec's ``KVCache`` (ValueError when its sizes do not fit)."""
+    kernels = _kernels()
+    keys = chunks.from_bytes(chunk.keys, chunk.dtype, chunk.width)
+    values = chunks.from_bytes(chunk.values, chunk.dtype, chunk.width)
+    return kernels.KVCache(keys=[keys], values=[values])
 
 
 def decode(payload: bytes, level: str) -> pb.RawChunk:

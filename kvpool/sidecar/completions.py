@@ -9,8 +9,11 @@ request give what that request moved (:func:`delta`).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,13 +75,20 @@ def complete(base_url: str, body: dict[str, Any], *, timeout_s: float = 600.0) -
         return dict(json.load(response))
 
 
-def scrape(address: str, *, timeout_s: float = 10.0) -> Samples:
-    """Every sample of the Prometheus endpoint at ``host:port`` (or a full URL)."""
+def scrape(address: str, *, timeout_s: float = 10.0, wrap: Sequence[str] = ()) -> Samples:
+    """Every sample of the Prometheus endpoint at ``host:port`` (or a full URL).
+
+    ``wrap`` (``ip netns exec NS``): read it from inside a network namespace."""
     from prometheus_client.parser import text_string_to_metric_families
 
     url = address if address.startswith("http") else f"http://{address}/metrics"
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        text = response.read().decode()
+    if wrap:
+        fetch = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen({url!r}).read().decode())"
+        text = subprocess.run([*wrap, sys.executable, "-c", fetch], capture_output=True,
+                              text=True, check=True, timeout=timeout_s + 20).stdout  # fmt: skip
+    else:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            text = response.read().decode()
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -8,8 +8,10 @@ The connector is thin: compression and transport belong to the sidecar
         "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"sidecar": "unix:///run/kvpool/sidecar.sock"}}'
 
-``kv_role`` ``kv_both`` serves both roles (``kv_producer`` for prefill only,
-``kv_consumer`` for decode only); ``kv_load_failure_policy: "recompute"`` makes decode
+(:func:`kvpool.sidecar.vllm_args.kv_transfer_config` builds it; that module also shows
+the full engine and sidecar command lines). ``kv_role`` ``kv_both`` serves both roles
+(``kv_producer`` for prefill only, ``kv_consumer`` for decode only);
+``kv_load_failure_policy: "recompute"`` makes decode
 recompute a prompt whose KV cannot arrive instead of failing the request. Extra config:
 ``sidecar`` (required; or ``$KVPOOL_SIDECAR``), ``level`` (default level of this
 prefill worker's chunks, else the sidecar's), ``model`` (name hashed into chunk names;
@@ -154,7 +156,6 @@ class _Saving:
     block_ids: list[int]
     level: str
     push_to: str
-    new: bool = True
 
 
 class KVPoolScheduler:

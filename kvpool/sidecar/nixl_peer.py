@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import traceback
 from multiprocessing.connection import Connection
+from typing import Self
 
 from kvpool.sidecar.transport_nixl import ChunkLocation, TransportError
 
@@ -20,7 +21,7 @@ def _serve(conn: Connection, options: dict) -> None:
 
     try:
         source = NixlSource(**options)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     stored = b""
@@ -38,6 +39,9 @@ def _serve(conn: Connection, options: dict) -> None:
                     stored, reply = arg, len(arg)
                 elif op == "publish_stored":
                     reply = source.publish(stored, timeout=arg).to_bytes()
+                elif op == "stream_kv":
+                    _stream_kv(conn, source, *arg)
+                    reply = None
                 elif op == "held":
                     reply = source.held()
                 elif op == "wait_idle":
@@ -48,8 +52,18 @@ def _serve(conn: Connection, options: dict) -> None:
                 else:
                     raise ValueError(f"unknown operation {op!r}")
                 conn.send(("ok", reply))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
                 conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _stream_kv(conn: Connection, source, tokens: int, level: str) -> None:
+    """Encode a real prompt's KV layer by layer and publish each chunk as soon as it is
+    encoded, sending its location at once (the reader pulls while the next one encodes)."""
+    from kvpool.sidecar import codec, linkstream, realkv
+
+    for raw in linkstream.layer_chunks(*realkv.prompt_kv(tokens)):
+        payload = codec.encode(raw, level)
+        conn.send(("chunk", (source.publish(payload).to_bytes(), len(raw.keys) + len(raw.values))))
 
 
 class SourceProcess:
@@ -84,6 +98,21 @@ class SourceProcess:
     def publish_stored(self, timeout: float = 10.0) -> ChunkLocation:
         return ChunkLocation.from_bytes(self._call("publish_stored", timeout, timeout + 60))
 
+    def stream_kv(self, tokens: int, level: str):
+        """Have the source encode and publish a real ``tokens``-token KV at ``level``;
+        yields ``(location, raw_bytes)`` per layer as each is published."""
+        self._conn.send(("stream_kv", (tokens, level)))
+        while True:
+            if not self._conn.poll(120):
+                raise TransportError("NIXL source process stopped streaming")
+            status, value = self._conn.recv()
+            if status == "chunk":
+                yield ChunkLocation.from_bytes(value[0]), value[1]
+            elif status == "ok":
+                return
+            else:
+                raise TransportError(f"NIXL source process: {value}")
+
     def held(self) -> int:
         return self._call("held")
 
@@ -111,7 +140,7 @@ class SourceProcess:
                 self._proc.join(10)
         self._conn.close()
 
-    def __enter__(self) -> SourceProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,11 +14,18 @@ import os
 import torch
 
 from kvpool import models
+from kvpool.kernels import realkv as kernels_realkv
+
+
+def prompt(tokens: int):
+    """The :class:`kvpool.kernels.realkv.RealKV` of the first ``tokens`` tokens of real text
+    (model, prompt ids, continuation), computed afresh: for quality measurements."""
+    return kernels_realkv.extract(_model(), tokens=tokens, next_tokens=257)
 
 
 @functools.cache
 def _model():
-    return models.load_causal_lm()
+    return kernels_realkv.load_model()
 
 
 @functools.cache
@@ -32,36 +39,15 @@ def prompt_kv(tokens: int, dtype: torch.dtype = torch.float16
         tensors = load_file(path)
         n = len(tensors) // 2
         return (tuple(tensors[f"k{i}"] for i in range(n)), tuple(tensors[f"v{i}"] for i in range(n)))
-    keys, values = _compute(tokens, dtype)
+    model = _model()
+    kv, _ = kernels_realkv.kv_of(model, kernels_realkv.text_ids(model.tokenizer, tokens), dtype)
+    keys, values = tuple(kv.keys), tuple(kv.values)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({**{f"k{i}": k for i, k in enumerate(keys)},
                **{f"v{i}": v for i, v in enumerate(values)}}, tmp)
     tmp.rename(path)
     return keys, values
-
-
-def _compute(tokens: int, dtype: torch.dtype):
-    lm, tokenizer = _model()
-    text = models.sample_text(min_chars=tokens * 8)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
-    if ids.shape[1] < tokens:
-        raise ValueError(f"the sample text has only {ids.shape[1]} tokens, {tokens} asked")
-    with torch.inference_mode():
-        cache = lm(ids, use_cache=True).past_key_values
-    keys, values = [], []
-    for layer in range(len(cache.layers) if hasattr(cache, "layers") else len(cache)):
-        k, v = _layer_kv(cache, layer)
-        # [1, kv_heads, tokens, head_dim] -> [tokens, kv_heads * head_dim]
-        keys.append(k[0].transpose(0, 1).reshape(tokens, -1).to(dtype).contiguous())
-        values.append(v[0].transpose(0, 1).reshape(tokens, -1).to(dtype).contiguous())
-    return tuple(keys), tuple(values)
-
-
-def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache[layer][0], cache[layer][1]
 
 
 def raw_bytes(keys, values) -> bytes:

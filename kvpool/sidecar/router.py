@@ -11,6 +11,12 @@ vLLM's own disaggregated-serving proxy does it:
    its connector loads the KV and the worker generates; the router streams (SSE) or returns
    that response unchanged.
 
+With ``--decode-sidecar`` (one peer address per decode worker) the decode worker is
+picked first and the prefill request also carries ``kvpool_push_to``: its sidecar pushes
+the KV to that decode sidecar while the prompt is computed, instead of decode pulling it
+afterwards. If that decode worker then fails, the next one is told to pull
+(``kvpool_push: false``) from the prefill sidecar, which holds the KV for its lease.
+
 Workers are picked round-robin among the healthy ones. A worker is marked down when a
 request to it fails to connect or answers 5xx, and a background task probes every
 worker's ``/health`` to mark it up or down again. A failed worker is skipped for the next
@@ -47,19 +53,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kvpool.sidecar import vllm_args
+
 log = logging.getLogger("kvpool.router")
 
 PREFILL, DECODE = "prefill", "decode"
-
-REMOTE_DECODE_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-"""``kv_transfer_params`` of the prefill request: keep the KV for a remote decode."""
 
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
@@ -339,9 +337,7 @@ class Router:
     async def _prefill(
         self, endpoint: str, body: dict[str, Any], headers: dict[str, str], push_to: str
     ) -> tuple[Worker, dict[str, Any], float]:
-        kv_params = dict(REMOTE_DECODE_PARAMS)
-        if push_to:
-            kv_params["kvpool_push_to"] = push_to
+        kv_params = vllm_args.prefill_params(push_to=push_to)
         prefill_body = copy.deepcopy(body)
         prefill_body.update(max_tokens=1, stream=False, kv_transfer_params=kv_params)
         if "max_completion_tokens" in prefill_body:

@@ -9,8 +9,13 @@ It serves two gRPC services (kvpool/sidecar/proto/sidecar.proto):
 * ``Peer`` on TCP, for the other sidecars: ``Pull`` streams a transfer held here as it is
   produced; ``Push`` receives one that a prefill sidecar streams here on its own.
 
-Both carry the standard gRPC health service. Prometheus metrics are served over HTTP, logs
-are one JSON object per line on stderr. Once listening, the sidecar prints one JSON line
+Both carry the standard gRPC health service. The Peer service runs over plaintext or
+mutual TLS (``--tls-dir``: a mounted Secret, :mod:`kvpool.sidecar.tls`); chunk payloads
+travel in the gRPC stream or through NIXL (``--transport nixl``). With ``--level
+adaptive`` each chunk's level is chosen from the throughput measured on the peer stream and
+the TTFT target (:mod:`kvpool.sidecar.adaptive`). Prometheus metrics and the transfer
+health summary (``/transfer/health``, :mod:`kvpool.sidecar.health`) are served over HTTP;
+logs are one JSON object per line on stderr. Once listening, the sidecar prints one JSON line
 on stdout (``{"event": "ready", "local": ..., "peer": ..., "metrics": ...}``; also written
 to ``--ready-file``) so that whoever started it learns the ports it picked.
 """
@@ -31,10 +36,11 @@ from pathlib import Path
 
 import google_crc32c
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
-from kvpool.sidecar import codec
+from kvpool.sidecar import adaptive, codec, tls
+from kvpool.sidecar import health as transfer_health
 from kvpool.sidecar.metrics import SidecarMetrics
 from kvpool.sidecar.proto import sidecar_pb2 as pb
 from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
@@ -64,6 +70,25 @@ class SidecarConfig:
     """Seconds a reader waits for a transfer to complete (also the peer calls' deadline)."""
     codec_threads: int = 2
     """Threads that encode and decode chunks (the codec releases the GIL)."""
+    transport: str = "grpc"
+    """How payloads cross to the peer: ``grpc`` (in the Peer stream) or ``nixl``."""
+    tls_dir: str = ""
+    """Folder of a mounted Secret with ca.crt, tls.crt, tls.key: mutual TLS on the Peer
+    service and channels. Empty: plaintext."""
+    ttft_target_s: float = 2.0
+    """With ``level=adaptive``: seconds from a transfer's first chunk by which all of its
+    KV should be in decode."""
+    decode_reserve_s: float = 0.2
+    """With ``level=adaptive``: of the TTFT target, what decode needs after the KV is in."""
+    nixl_slots: int = 64
+    """NIXL transport: registered buffers for chunks in flight (memory is bounded by
+    slots x slot size; a full pool pushes back on the producer)."""
+    nixl_slot_bytes: int = 16 << 20
+    """NIXL transport: the largest encoded chunk."""
+
+
+ADAPTIVE = "adaptive"
+"""The level that lets :mod:`kvpool.sidecar.adaptive` pick one per chunk."""
 
 
 def checksum(payload: bytes) -> int:
@@ -74,11 +99,25 @@ class Sidecar:
     """One sidecar: its transfers, its two gRPC servers and its metrics."""
 
     def __init__(self, config: SidecarConfig, transport: PeerTransport | None = None) -> None:
-        codec.check_level(config.level)
+        if config.level != ADAPTIVE:
+            codec.check_level(config.level)
+        if config.transport not in ("grpc", "nixl"):
+            raise ValueError(f"unknown transport {config.transport!r}: grpc or nixl")
         self.config = config
-        self.transport = transport or GrpcTransport()
+        self.tls = tls.load_bundle(config.tls_dir) if config.tls_dir else None
+        credentials = tls.channel_credentials(self.tls) if self.tls else None
+        if transport is None and config.transport == "nixl":
+            from kvpool.sidecar.transport_nixl import NixlPeerTransport
+
+            transport = NixlPeerTransport(
+                credentials, slots=config.nixl_slots, slot_bytes=config.nixl_slot_bytes,
+                lease_s=config.lease_s, timeout_s=config.transfer_timeout_s)
+        self.transport = transport or GrpcTransport(credentials)
         self.store = TransferStore(config.lease_s)
         self.metrics = SidecarMetrics()
+        self.health = transfer_health.TransferHealth(role="sidecar", registry=self.metrics.registry)
+        self.policy: adaptive.LevelPolicy | None = None
+        self._layers: dict[str, int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
             config.codec_threads, thread_name_prefix="kvpool-codec"
         )
@@ -104,7 +143,10 @@ class Sidecar:
         pb_grpc.add_PeerServicer_to_server(PeerService(self), peer)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, peer)
         host, _, _ = self.config.peer.rpartition(":")
-        port = peer.add_insecure_port(self.config.peer)
+        if self.tls is None:
+            port = peer.add_insecure_port(self.config.peer)
+        else:
+            port = peer.add_secure_port(self.config.peer, tls.server_credentials(self.tls))
         if not port:
             raise OSError(f"cannot listen on {self.config.peer}")
         self.peer_address = self.config.advertise or f"{host}:{port}"
@@ -113,10 +155,14 @@ class Sidecar:
             await server.start()
         if self.config.metrics:
             m_host, _, m_port = self.config.metrics.rpartition(":")
-            self._metrics_server, _ = start_http_server(
-                int(m_port), addr=m_host, registry=self.metrics.registry
-            )
-            self.metrics_address = f"{m_host}:{self._metrics_server.server_port}"
+            app = web.Application()
+            transfer_health.add_routes(app, self.health)  # /metrics: the whole registry
+            self._metrics_server = web.AppRunner(app, access_log=None)
+            await self._metrics_server.setup()
+            site = web.TCPSite(self._metrics_server, m_host, int(m_port))
+            await site.start()
+            bound = site._server.sockets[0].getsockname()[1]
+            self.metrics_address = f"{m_host}:{bound}"
         for service in ("", "kvpool.sidecar.v1.Local", "kvpool.sidecar.v1.Peer"):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._spawn(self._expire_forever())
@@ -129,8 +175,7 @@ class Sidecar:
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         await self.transport.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            await self._metrics_server.cleanup()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -157,6 +202,46 @@ class Sidecar:
         self.metrics.codec_seconds.labels(op).observe(time.perf_counter() - start)
         return result
 
+    # ---- adaptive levels ----------------------------------------------------------------
+
+    async def choose_level(self, transfer: Transfer, raw: pb.RawChunk) -> str:
+        """The level of one chunk under ``--level adaptive`` (calibrating the codec model
+        on the first chunk): raw, a codec level, or adaptive.RECOMPUTE."""
+        if self.policy is None:
+            from kvpool import kernels
+
+            sample = codec.to_kvcache(raw)
+            model = await self.run_codec(
+                "calibrate", adaptive.CodecModel.calibrate,
+                lambda kv, level: kernels.encode(kv, level=level), kernels.decode, sample,
+                kernels.LEVELS)
+            self.policy = adaptive.LevelPolicy(
+                model, overlap=True, name="sidecar",
+                on_decision=lambda d: self.health.chunk(d.level))
+        raw_bytes = len(raw.keys) + len(raw.values)
+        deadline = adaptive.TransferDeadline(
+            transfer.created_at + self.config.ttft_target_s - self.config.decode_reserve_s,
+            total_raw_bytes=transfer.raw_bytes + raw_bytes * self._chunks_left(transfer, raw))
+        deadline.sent(transfer.raw_bytes)
+        return self.policy.choose(raw_bytes, deadline.chunk_budget(raw_bytes)).level
+
+    def _chunks_left(self, transfer: Transfer, raw: pb.RawChunk) -> int:
+        """This chunk and the rest of its prefill step (layers above it), as far as the
+        layer count of the model is known from earlier transfers."""
+        layers = self._layers.get(transfer.model, 0)
+        return max(1, layers - raw.key.layer)
+
+    async def measured(self, messages):
+        """Pass a peer stream through, timing how long the transport takes to accept each
+        chunk: the throughput samples of the adaptive policy."""
+        async for message in messages:
+            start = time.perf_counter()
+            yield message
+            if self.policy is not None and message.WhichOneof("item") == "chunk":
+                self.policy.estimator.observe(
+                    len(message.chunk.payload) or len(message.chunk.nixl_location),
+                    time.perf_counter() - start)
+
     def start_push(self, transfer: Transfer, peer: str) -> None:
         """Stream ``transfer`` to ``peer`` as it is produced (once per transfer)."""
         if transfer.transfer_id in self._pushing:
@@ -167,7 +252,8 @@ class Sidecar:
     async def _push(self, transfer: Transfer, peer: str) -> None:
         timeout = self.config.transfer_timeout_s
         try:
-            chunks = await self.transport.push(peer, transfer.messages(timeout), timeout=timeout)
+            chunks = await self.transport.push(
+                peer, self.measured(transfer.messages(timeout)), timeout=timeout)
         except (TransportError, TransferFailed) as exc:
             self.metrics.failures.labels("prefill", "push").inc()
             log.warning("push failed", extra={"transfer": transfer.transfer_id, "peer": peer,
@@ -227,9 +313,20 @@ class LocalService(pb_grpc.LocalServicer):
         s = self.sidecar
         level = request.level or s.config.level
         try:
-            codec.check_level(level)
             transfer = s.store.open(request.transfer_id, request.model)
             raw = request.chunk
+            if transfer.error is not None and transfer.error.reason == "deadline":
+                return pb.PutReply(wire_bytes=0)  # decode recomputes this one
+            if level == ADAPTIVE:
+                level = await s.choose_level(transfer, raw)
+                if level == adaptive.RECOMPUTE:
+                    transfer.fail("deadline", "its KV cannot reach decode before the TTFT target")
+                    s.health.recompute_chosen("deadline")
+                    log.info("transfer left to recompute", extra={"transfer": transfer.transfer_id})
+                    if request.push_to:
+                        s.start_push(transfer, request.push_to)
+                    return pb.PutReply(wire_bytes=0)
+            codec.check_level(level)
             payload = await s.run_codec("encode", codec.encode, raw, level)
             transfer.add(pb.WireChunk(
                 key=raw.key, level=level, payload=payload, crc32c=checksum(payload),
@@ -256,6 +353,8 @@ class LocalService(pb_grpc.LocalServicer):
         ))
         if request.push_to:
             s.start_push(transfer, request.push_to)
+        if request.num_layers:
+            s._layers[transfer.model] = request.num_layers
         outcome = "failed" if request.failed else "sealed"
         s.metrics.transfers.labels("prefill", outcome).inc()
         log.info("transfer " + outcome, extra={
@@ -288,6 +387,7 @@ class LocalService(pb_grpc.LocalServicer):
                     continue
                 raw = await s.run_codec("decode", codec.decode, item.payload, item.level)
                 raw.key.CopyFrom(item.key)
+                s.health.chunk(item.level)
                 s.metrics.chunks.labels("decoded", item.level).inc()
                 s.metrics.raw_bytes.labels("decoded").inc(len(raw.keys) + len(raw.values))
                 yield pb.LoadReply(chunk=raw)
@@ -295,6 +395,7 @@ class LocalService(pb_grpc.LocalServicer):
             reason = exc.reason if isinstance(exc, TransferFailed) else "codec"
             s.metrics.failures.labels("decode", reason).inc()
             s.metrics.transfers.labels("decode", "failed").inc()
+            s.health.transfer_failed(reason)
             log.warning("load failed", extra={"transfer": request.transfer_id,
                                               "reason": reason, "error": str(exc)})
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
@@ -302,6 +403,8 @@ class LocalService(pb_grpc.LocalServicer):
             s.store.drop(request.transfer_id)
         s.metrics.transfers.labels("decode", "loaded").inc()
         s.metrics.chunk_latency.observe(time.perf_counter() - start)
+        s.health.transfer_done(transfer.raw_bytes, transfer.wire_bytes,
+                               time.perf_counter() - start)
         log.info("transfer loaded", extra={
             "transfer": request.transfer_id, "chunks": len(transfer.chunks),
             "raw_bytes": transfer.raw_bytes, "wire_bytes": transfer.wire_bytes,
@@ -324,7 +427,8 @@ class PeerService(pb_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transfer {request.transfer_id} is of model {transfer.model!r}")
         try:
-            async for message in transfer.messages(s.config.transfer_timeout_s):
+            async for message in s.transport.outgoing(
+                    s.measured(transfer.messages(s.config.transfer_timeout_s))):
                 if message.WhichOneof("item") == "chunk":
                     s.metrics.wire_bytes.labels("sent").inc(len(message.chunk.payload))
                 yield message
@@ -342,6 +446,11 @@ class PeerService(pb_grpc.PeerServicer):
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                             "a pushed stream starts with its header")
                     transfer = s.store.open(message.header.transfer_id, message.header.model)
+                try:
+                    message = await s.transport.incoming(message)
+                except TransportError as exc:
+                    transfer.fail("peer", str(exc))
+                    continue
                 s.receive(transfer, message)
             if transfer is not None and not transfer.done:
                 transfer.fail("peer", "the pushed stream ended early")
@@ -382,8 +491,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="peer address other sidecars reach this one at (default: --peer)")
     parser.add_argument("--metrics", default=d.metrics,
                         help="host:port of the Prometheus endpoint ('' for none)")
-    parser.add_argument("--level", default=d.level, choices=codec.levels(),
-                        help="level of chunks whose connector names none")
+    parser.add_argument("--level", default=d.level, choices=(*codec.levels(), ADAPTIVE),
+                        help="level of chunks whose connector names none "
+                             "(adaptive: chosen per chunk from the measured throughput)")
+    parser.add_argument("--transport", default=d.transport, choices=("grpc", "nixl"),
+                        help="how chunk payloads cross to the peer sidecar")
+    parser.add_argument("--tls-dir", default=d.tls_dir,
+                        help="folder with ca.crt, tls.crt, tls.key: mutual TLS between sidecars")
+    parser.add_argument("--ttft-target-ms", type=float, default=d.ttft_target_s * 1e3,
+                        help="adaptive level: the time by which a transfer's KV must be in decode")
+    parser.add_argument("--decode-reserve-ms", type=float, default=d.decode_reserve_s * 1e3,
+                        help="adaptive level: the part of the TTFT target decode needs itself")
+    parser.add_argument("--nixl-slots", type=int, default=d.nixl_slots,
+                        help="NIXL transport: registered chunk buffers (bounds memory)")
+    parser.add_argument("--nixl-slot-mb", type=float, default=d.nixl_slot_bytes / 2**20,
+                        help="NIXL transport: size of one buffer (the largest encoded chunk)")
     parser.add_argument("--lease", type=float, default=d.lease_s, dest="lease_s",
                         help="seconds a transfer is held at most")
     parser.add_argument("--transfer-timeout", type=float, default=d.transfer_timeout_s,
@@ -420,7 +542,9 @@ def run(args: argparse.Namespace) -> int:
     config = SidecarConfig(
         local=args.local, peer=args.peer, advertise=args.advertise, metrics=args.metrics,
         level=args.level, lease_s=args.lease_s, transfer_timeout_s=args.transfer_timeout_s,
-        codec_threads=args.codec_threads,
+        codec_threads=args.codec_threads, transport=args.transport, tls_dir=args.tls_dir,
+        ttft_target_s=args.ttft_target_ms / 1e3, decode_reserve_s=args.decode_reserve_ms / 1e3,
+        nixl_slots=args.nixl_slots, nixl_slot_bytes=int(args.nixl_slot_mb * 2**20),
     )
     asyncio.run(serve(config, args.ready_file))
     return 0

@@ -113,7 +113,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 def generate_ca(common_name: str = "kvpool CA", *, days: int = 365) -> tuple[bytes, bytes]:
     """A fresh self-signed CA: (certificate PEM, private key PEM). ECDSA P-256."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -161,7 +161,7 @@ def issue_cert(
             sans.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             sans.append(x509.DNSName(name))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(names[0]))

@@ -4,7 +4,9 @@
 stream of :class:`PeerMessage` (a header, chunks, an end). :class:`GrpcTransport`
 implements it with the ``Peer`` gRPC service: HTTP/2 flow control paces the stream,
 each call carries a deadline, and each chunk a CRC-32C of its payload (checked by the
-receiving sidecar). Other transports (NIXL) implement the same two methods.
+receiving sidecar), over plaintext or mutual TLS (:mod:`kvpool.sidecar.tls`). Other
+transports (NIXL: :mod:`kvpool.sidecar.transport_nixl`) keep the stream for control and
+move payloads their own way, through the ``outgoing`` and ``incoming`` hooks.
 """
 
 from __future__ import annotations
@@ -48,20 +50,45 @@ class PeerTransport(abc.ABC):
     ) -> int:
         """Stream a transfer to ``peer``; returns how many chunks it took."""
 
+    async def outgoing(
+        self, messages: AsyncIterator[pb.PeerMessage]
+    ) -> AsyncIterator[pb.PeerMessage]:
+        """A transfer's messages as this transport puts them on the peer stream (the
+        sending side of ``Pull`` calls this; ``push`` does it itself)."""
+        async for message in messages:
+            yield message
+
+    async def incoming(self, message: pb.PeerMessage) -> pb.PeerMessage:
+        """The inverse of ``outgoing`` for one message (the receiving side of ``Push``
+        calls this; ``pull`` does it itself). Raises TransportError."""
+        return message
+
     async def close(self) -> None:
         """Release connections."""
 
 
 class GrpcTransport(PeerTransport):
-    """The ``Peer`` gRPC service over TCP, one channel per peer address."""
+    """The ``Peer`` gRPC service over TCP, one channel per peer address.
 
-    def __init__(self) -> None:
+    With ``credentials`` (:func:`kvpool.sidecar.tls.channel_credentials`) every channel is
+    mutual TLS and checks the peer's certificate for :data:`kvpool.sidecar.tls.PEER_NAME`.
+    """
+
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials = credentials
 
     def _stub(self, peer: str) -> pb_grpc.PeerStub:
         channel = self._channels.get(peer)
         if channel is None:
-            channel = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(peer, options=CHANNEL_OPTIONS)
+            else:
+                from kvpool.sidecar import tls
+
+                channel = grpc.aio.secure_channel(
+                    peer, self._credentials, options=CHANNEL_OPTIONS + tuple(tls.channel_options())
+                )
             self._channels[peer] = channel
         return pb_grpc.PeerStub(channel)
 

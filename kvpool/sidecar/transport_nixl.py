@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from kvpool.sidecar import transport
+
 log = logging.getLogger(__name__)
 
 _RELEASE = b"kvpool-release:"
@@ -50,7 +52,7 @@ def _crc32(data) -> int:
     return zlib.crc32(data)
 
 
-class TransportError(RuntimeError):
+class TransportError(transport.TransportError):
     """A chunk could not be moved (peer unknown or gone, transfer error, bad checksum)."""
 
 
@@ -59,7 +61,11 @@ class TransportTimeout(TransportError, TimeoutError):
 
 
 def _nixl():
-    """Import NIXL's Python API (kept out of module import: the sidecar loads without it)."""
+    """Import NIXL's Python API (kept out of module import: the sidecar loads without it).
+
+    NIXL logs INFO lines to stdout, where our commands print their JSON: only its warnings
+    are kept (on NIXL's own handler), unless ``NIXL_LOG_LEVEL`` says otherwise."""
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     try:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -161,11 +167,11 @@ class _Endpoint:
     role = "endpoint"
 
     def __init__(self, name: str | None, *, slots: int, slot_bytes: int, device: str,
-                 listen_port: int | None, error_handling: str) -> None:
+                 listen_port: int | None, error_handling: str, progress_thread: bool) -> None:
         nixl_agent, nixl_agent_config, sync = _nixl()
         self.name = f"{name or self.role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         config = nixl_agent_config(
-            enable_prog_thread=True,
+            enable_prog_thread=progress_thread,
             enable_listen_thread=listen_port is not None,
             listen_port=listen_port or 0,
             backends=[],
@@ -192,8 +198,12 @@ class _Endpoint:
             if self._closed:
                 return
             self._closed = True
-            self.pool.close()
             self._lock.notify_all()
+        progress = getattr(self, "_progress", None)
+        if progress is not None:
+            progress.join(5)
+        with self._lock:
+            self.pool.close()
 
     def __enter__(self):
         return self
@@ -210,11 +220,26 @@ class NixlSource(_Endpoint):
     def __init__(self, name: str | None = None, *, slots: int = 8, slot_bytes: int = 32 << 20,
                  device: str = "cpu", lease_s: float = 30.0, listen_port: int | None = None,
                  error_handling: str = ERROR_HANDLING) -> None:
+        # NIXL's own progress thread spins without pause (a whole core of a 2-core machine);
+        # a thread of ours progresses the agent and takes in releases every millisecond
+        # instead (a READ target must progress for UCX's TCP transport).
         super().__init__(name, slots=slots, slot_bytes=slot_bytes, device=device,
-                         listen_port=listen_port, error_handling=error_handling)
+                         listen_port=listen_port, error_handling=error_handling,
+                         progress_thread=False)
         self.lease_s = lease_s
         self._expires: dict[int, float] = {}
         self.reclaimed = 0
+        self._progress = threading.Thread(target=self._progress_forever, daemon=True,
+                                          name=f"{self.name}-progress")
+        self._progress.start()
+
+    def _progress_forever(self, period_s: float = 0.001) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                self._collect_releases()
+            time.sleep(period_s)
 
     def _collect_releases(self) -> None:
         """Free the slots whose READ completed (NIXL notifications) or whose lease ran out."""
@@ -292,8 +317,11 @@ class NixlSink(_Endpoint):
     def __init__(self, name: str | None = None, *, slots: int = 4, slot_bytes: int = 32 << 20,
                  device: str = "cpu", listen_port: int | None = None,
                  error_handling: str = ERROR_HANDLING) -> None:
+        # The initiator drives its own READs by polling them: a progress thread would only
+        # compete with it for the CPU (on 2 cores it costs 3x the bandwidth).
         super().__init__(name, slots=slots, slot_bytes=slot_bytes, device=device,
-                         listen_port=listen_port, error_handling=error_handling)
+                         listen_port=listen_port, error_handling=error_handling,
+                         progress_thread=False)
         self._peers: set[str] = set()
 
     def add_peer(self, metadata: bytes) -> str:
@@ -378,14 +406,14 @@ class NixlSink(_Endpoint):
             while state == "PROC":
                 if time.monotonic() >= deadline:
                     raise TransportTimeout(f"READ of {loc.length} bytes from {loc.agent} timed out")
-                time.sleep(0.0002)
+                time.sleep(0)  # polling is what progresses the READ (no progress thread)
                 state = self._state(self.agent.check_xfer_state, handle, loc)
             if state != "DONE":
                 raise TransportError(f"READ from {loc.agent} failed ({state})")
         finally:
             try:
                 self.agent.release_xfer_handle(handle)
-            except Exception:  # an in-flight READ that cannot be cancelled stays with NIXL
+            except Exception:  # noqa: BLE001 - an in-flight READ NIXL cannot cancel stays with it
                 log.warning("%s: could not release a transfer handle", self.name)
 
     @staticmethod
@@ -394,3 +422,79 @@ class NixlSink(_Endpoint):
             return call(handle)
         except Exception as exc:  # nixlRemoteDisconnectError and the like
             raise TransportError(f"READ from {loc.agent} failed: {exc}") from exc
+
+
+class NixlPeerTransport(transport.GrpcTransport):
+    """The sidecar's ``--transport nixl``: the Peer gRPC stream carries the control
+    messages (and each chunk's location), NIXL moves the payloads.
+
+    The sending sidecar publishes each payload into its :class:`NixlSource` and puts the
+    location on the stream instead; the header carries its agent metadata once per stream.
+    The receiving sidecar loads that metadata (once per agent), pulls the payload into its
+    :class:`NixlSink` and hands the message on with the payload filled in, so the rest of
+    the sidecar (CRC check, decode) does not know which transport ran. Both sidecars of a
+    pool use the same transport (the pool's ``transfer.transport``).
+    """
+
+    def __init__(self, credentials=None, *, slots: int = 64, slot_bytes: int = 16 << 20,
+                 device: str = "cpu", lease_s: float = 120.0, timeout_s: float = 30.0) -> None:
+        super().__init__(credentials)
+        self.source = NixlSource("kvpool-prefill", slots=slots, slot_bytes=slot_bytes,
+                                 device=device, lease_s=lease_s)
+        self.sink = NixlSink("kvpool-decode", slots=4, slot_bytes=slot_bytes, device=device)
+        self.timeout_s = timeout_s
+        self._metadata = self.source.metadata()
+        self._agents: dict[bytes, str] = {}
+
+    async def _run(self, fn, *args):
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def outgoing(self, messages):
+        from kvpool.sidecar.proto import sidecar_pb2 as pb
+
+        async for message in messages:
+            kind = message.WhichOneof("item")
+            if kind == "header":
+                header = pb.TransferHeader()
+                header.CopyFrom(message.header)
+                header.nixl_metadata = self._metadata
+                message = pb.PeerMessage(header=header)
+            elif kind == "chunk" and message.chunk.payload:
+                loc = await self._run(self.source.publish, message.chunk.payload, self.timeout_s)
+                chunk = pb.WireChunk()
+                chunk.CopyFrom(message.chunk)
+                chunk.payload = b""
+                chunk.nixl_location = loc.to_bytes()
+                message = pb.PeerMessage(chunk=chunk)
+            yield message
+
+    async def incoming(self, message):
+        import hashlib
+
+        kind = message.WhichOneof("item")
+        if kind == "header" and message.header.nixl_metadata:
+            digest = hashlib.sha256(message.header.nixl_metadata).digest()
+            if digest not in self._agents:
+                try:
+                    self._agents[digest] = self.sink.add_peer(message.header.nixl_metadata)
+                except Exception as exc:  # the bindings raise their own error types
+                    raise TransportError(f"cannot load the peer's NIXL metadata: {exc}") from exc
+        elif kind == "chunk" and message.chunk.nixl_location:
+            loc = ChunkLocation.from_bytes(message.chunk.nixl_location)
+            message.chunk.payload = await self._run(self.sink.pull, loc, self.timeout_s)
+            message.chunk.nixl_location = b""
+        return message
+
+    async def pull(self, peer, transfer_id, model, *, timeout):
+        async for message in super().pull(peer, transfer_id, model, timeout=timeout):
+            yield await self.incoming(message)
+
+    async def push(self, peer, messages, *, timeout):
+        return await super().push(peer, self.outgoing(messages), timeout=timeout)
+
+    async def close(self) -> None:
+        await super().close()
+        self.source.close()
+        self.sink.close()

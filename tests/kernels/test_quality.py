@@ -17,7 +17,7 @@ def test_lossless_copy_scores_one_and_zero() -> None:
     copy = KVCache(keys=[k.clone() for k in kv.keys], values=[v.clone() for v in kv.values])
     q = small_harness().measure(copy)
     assert q.greedy_match == 1.0 and q.greedy_prefix == 1.0
-    assert q.ppl_delta_pct == 0.0
+    assert q.ppl_delta_pct == 0.0 and q.kl == 0.0
     assert q.ppl == pytest.approx(small_harness().reference_ppl)
 
 
@@ -28,10 +28,11 @@ def test_coarse_quantizers_lose_quality_in_order() -> None:
     assert int8.greedy_match >= 0.9 and abs(int8.ppl_delta_pct) < 2.0
     assert 0.0 <= int4.greedy_match <= 1.0 and 0.0 <= int4.greedy_prefix <= int4.greedy_match
     assert int4.ppl_delta_pct > int8.ppl_delta_pct
+    assert 0.0 < int8.kl < int4.kl
     # no information at all: keys and values zeroed
     zero = KVCache(
         keys=[torch.zeros_like(k) for k in kv.keys], values=[torch.zeros_like(v) for v in kv.values]
     )
     blind = harness.measure(zero)
     assert blind.ppl_delta_pct > max(10.0, int4.ppl_delta_pct)
-    assert blind.greedy_match < int8.greedy_match
+    assert blind.greedy_match < int8.greedy_match and blind.kl > 10 * int4.kl

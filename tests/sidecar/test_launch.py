@@ -128,27 +128,21 @@ def test_names_are_unique(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_real_engine_answers_and_stops(tmp_path: Path, model_path: Path) -> None:
-    with Launcher(tmp_path) as launcher:
-        engine = launcher.start_engine("engine", model_path, max_model_len=2048)
-        launcher.wait_ready(engine, timeout_s=240)
-        body = {
-            "model": "smollm2-135m",
-            "prompt": "The capital of France is",
-            "max_tokens": 8,
-            "temperature": 0,
-        }
-        request = urllib.request.Request(
-            engine.url + "/v1/completions",
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            reply = json.load(response)
-        assert reply["usage"]["completion_tokens"] == 8
-        assert "Paris" in reply["choices"][0]["text"]
-        rpc_dir = Path(launcher.rpc_dir("engine"))
-        assert rpc_dir.is_dir() and any(rpc_dir.iterdir())  # vLLM's sockets live there
-    assert not engine.alive()
-    assert not rpc_dir.exists() or str(rpc_dir).startswith(str(tmp_path))
+def test_real_engine_answers(
+    plain_engines: tuple[Process, Process], engine_launcher: Launcher
+) -> None:
+    """Engines started by the launcher (the session's shared pair) serve completions."""
+    engine = plain_engines[0]
     assert "--enforce-eager" in engine.argv and "--block-size" in engine.argv
+    body = {"model": "smollm2-135m", "prompt": "The capital of France is",
+            "max_tokens": 8, "temperature": 0}  # fmt: skip
+    request = urllib.request.Request(
+        engine.url + "/v1/completions", json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        reply = json.load(response)
+    assert reply["usage"]["completion_tokens"] == 8
+    assert "Paris" in reply["choices"][0]["text"]
+    rpc_dir = engine_launcher.rpc_dir(engine.name)
+    assert rpc_dir.is_dir() and any(rpc_dir.iterdir())  # vLLM's IPC sockets live there

@@ -81,17 +81,39 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-def test_no_worker_left_is_a_clear_503(launcher: Launcher) -> None:
+def _stand_in_worker(launcher: Launcher, folder: Path) -> Process:
+    """A process whose /health answers 200 (a static file): a worker that looks up."""
+    (folder / "www").mkdir(exist_ok=True)
+    (folder / "www" / "health").write_text("ok")
+    port = free_port()
+    argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+            str(folder / "www"), str(port)]  # fmt: skip
+    worker = launcher.start("stand-in", argv, ready=HttpReady(f"http://127.0.0.1:{port}/health"),
+                            port=port)  # fmt: skip
+    launcher.wait_ready(worker, timeout_s=30)
+    return worker
+
+
+def test_no_worker_left_is_a_clear_503(launcher: Launcher, tmp_path: Path) -> None:
+    # no decode worker: refused before any prefill work is done
     router = start_router(launcher, [dead_url()], [dead_url()])
     status, headers, payload = post(router.url + "/v1/completions", completion())
     assert status == 503
     error = json.loads(payload)["error"]
-    assert error["role"] == "prefill" and error["code"] == 503
-    assert "no prefill worker is available" in error["message"]
-    assert "ClientConnectorError" in error["message"] or "Connect" in error["message"]
+    assert error["role"] == "decode" and error["code"] == 503
+    assert "no decode worker is available" in error["message"]
+    assert "Connect" in error["message"]
     assert headers.get("Retry-After") == "2"
     status, payload = get(router.url + "/health")
     assert status == 503 and json.loads(payload)["status"] == "unavailable"
+
+    # a decode worker that looks up, but no prefill worker
+    decode = _stand_in_worker(launcher, tmp_path)
+    router = start_router(launcher, [dead_url()], [decode.url], name="router-2")
+    status, _, payload = post(router.url + "/v1/completions", completion())
+    error = json.loads(payload)["error"]
+    assert status == 503 and error["role"] == "prefill"
+    assert "no prefill worker is available" in error["message"]
 
 
 def test_bad_input_is_a_400(launcher: Launcher) -> None:
@@ -183,17 +205,7 @@ def test_dead_decode_worker_fails_over(
     """A decode worker dies between two health probes: the router meets it on a request,
     marks it down, and the request completes on the next decode worker."""
     prefill, decode = plain_engines
-    # a stand-in worker whose /health answers 200 (a static file) until it is killed
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "health").write_text("ok")
-    port = free_port()
-    doomed = launcher.start(
-        "doomed-decode",
-        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
-         str(tmp_path / "www"), str(port)],
-        ready=HttpReady(f"http://127.0.0.1:{port}/health"), port=port,
-    )  # fmt: skip
-    launcher.wait_ready(doomed, timeout_s=30)
+    doomed = _stand_in_worker(launcher, tmp_path)  # looks up until it is killed
     router = launcher.start_router(
         "router", [prefill.url], [doomed.url, decode.url], extra_args=["--health-interval", "60"]
     )

@@ -187,3 +187,22 @@ async def test_health_metrics_and_info(pair):
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
     assert 'kvpool_sidecar_raw_bytes_total{direction="encoded"} ' in text
     assert 'kvpool_sidecar_chunks_total{direction="encoded",level="raw"} 3.0' in text
+
+
+@pytest.mark.parametrize("level", ["lossless", "default"])
+async def test_codec_levels_through_two_sidecars(pair, level):
+    if level not in codec.levels():
+        pytest.skip(f"codec level {level!r} is not built here")
+    (prefill, _), (p_local, d_local) = pair
+    tokens = list(range(128))
+    sent = await put_transfer(p_local, "t10", tokens, [(0, 128)], level=level)
+    transfer = prefill.store.get("t10")
+    got, _ = await load_all(d_local, pb.LoadRequest(transfer_id="t10", model=MODEL,
+                                                    peer=prefill.peer_address))
+    for key, (k, v) in sent.items():
+        if level == "lossless":
+            assert torch.equal(got[key][0], k) and torch.equal(got[key][1], v)
+        else:
+            assert (got[key][0].float() - k.float()).abs().max() < 1.0
+    if level == "default":  # Gaussian noise is the codec's worst case; real KV does better
+        assert transfer.wire_bytes < transfer.raw_bytes / 3

@@ -11,7 +11,12 @@ import pytest
 
 from kvpool.kernels import LEVELS
 from kvpool.sidecar.adaptive import (
-    CODEC_LEVELS, RAW, RECOMPUTE, CodecModel, LevelPolicy, ThroughputEstimator,
+    CODEC_LEVELS,
+    RAW,
+    RECOMPUTE,
+    CodecModel,
+    LevelPolicy,
+    ThroughputEstimator,
     TransferDeadline,
 )
 from kvpool.sidecar.health import TransferHealth
@@ -63,9 +68,12 @@ def test_estimator_follows_a_real_link_and_drops_at_once():
     fast = est.bps
     assert fast > 100 * MBIT, f"loopback measured at only {fast * 8 / 1e6:.0f} Mbit/s"
     est.observe(CHUNK, CHUNK / (100 * MBIT))
-    assert est.bps == pytest.approx(100 * MBIT), "a slower chunk lowers the estimate at once"
+    assert est.bps < 300 * MBIT, "a chunk 10x slower lowers the estimate at once"
+    est.observe(CHUNK, CHUNK / (100 * MBIT))
+    est.observe(CHUNK, CHUNK / (100 * MBIT))
+    assert est.bps == pytest.approx(100 * MBIT), "a lasting change takes over in 3 chunks"
     est.observe(CHUNK, CHUNK / fast)
-    assert 100 * MBIT < est.bps < fast, "a faster chunk raises it gradually"
+    assert 100 * MBIT < est.bps < 160 * MBIT, "one fast outlier barely lifts it"
 
 
 def test_codec_figures_are_sane(codec_model):
@@ -148,8 +156,8 @@ def test_deadline_shares_time_by_raw_bytes():
 
 
 def test_bad_configuration_is_refused(codec_model):
-    with pytest.raises(ValueError, match="alpha"):
-        ThroughputEstimator(alpha=0)
+    with pytest.raises(ValueError, match="window"):
+        ThroughputEstimator(window=0)
     with pytest.raises(ValueError, match="start_level"):
         LevelPolicy(codec_model, start_level="fastest")
     with pytest.raises(ValueError, match="no cost figures"):

@@ -86,9 +86,9 @@ def test_peer_that_trusts_the_ca_but_has_no_cert_of_it_is_refused(bundle, server
         _call(channel)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     creds = grpc.ssl_channel_credentials(root_certificates=bundle.ca_cert)
-    with grpc.secure_channel(server, creds, options=tls.channel_options()) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            _call(channel)
+    with grpc.secure_channel(server, creds, options=tls.channel_options()) as channel, \
+            pytest.raises(grpc.RpcError) as err:
+        _call(channel)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -9,13 +9,17 @@ import pytest
 
 pytest.importorskip("nixl", reason="NIXL is installed by make install")
 
-from kvpool.sidecar import realkv  # noqa: E402
-from kvpool.sidecar.nixl_peer import SourceProcess  # noqa: E402
-from kvpool.sidecar.transport_nixl import (  # noqa: E402
-    ChunkLocation, NixlSink, NixlSource, TransportError, TransportTimeout,
+from kvpool.sidecar import realkv
+from kvpool.sidecar.nixl_peer import SourceProcess
+from kvpool.sidecar.transport_nixl import (
+    ChunkLocation,
+    NixlSink,
+    NixlSource,
+    TransportError,
+    TransportTimeout,
 )
 
-from .conftest import free_port  # noqa: E402
+from .conftest import free_port
 
 MiB = 1 << 20
 

@@ -1,0 +1,110 @@
+"""Model profiles: build, save, load, content hash; chunks that name a profile carry no
+tables and decode only with it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from kvpool.kernels import CodecError, KVCache, Profile, decode, encode, peek
+
+from .conftest import synthetic_kv
+
+
+@pytest.fixture(scope="module")
+def profile(profile_samples) -> Profile:
+    return Profile.build(profile_samples, model="synthetic")
+
+
+def test_profile_chunks_are_smaller_and_decode_the_same_way(profile, profile_samples) -> None:
+    kv = synthetic_kv([(128, 96), (128, 96), (128, 64)], seed=99)
+    with_profile = encode(kv, "default", profile)
+    alone = encode(kv, "default")
+    assert len(with_profile) < len(alone)
+    assert peek(with_profile).profile_hash == profile.hash
+    assert peek(alone).profile_hash is None
+    out, own = decode(with_profile, profile), decode(alone)
+    for a, b, c in zip(kv.keys, out.keys, own.keys):
+        err = float((a.float() - b.float()).abs().mean())
+        assert err < 2 * float((a.float() - c.float()).abs().mean()) + 1e-3
+    print(f"profile {len(with_profile)} B, self-contained {len(alone)} B")
+
+
+def test_lossless_ignores_the_profile(profile, profile_samples) -> None:
+    data = encode(profile_samples[0], "lossless", profile)
+    assert peek(data).profile_hash is None
+    assert torch.equal(decode(data).keys[0], profile_samples[0].keys[0])
+
+
+def test_save_load_keeps_the_hash(profile, tmp_path) -> None:
+    path = tmp_path / "p.kvprof"
+    profile.save(path)
+    loaded = Profile.load(path)
+    assert loaded.hash == profile.hash and loaded.model == "synthetic"
+    kv = synthetic_kv([(128, 96), (128, 96), (128, 64)], seed=5)
+    assert encode(kv, "low", loaded) == encode(kv, "low", profile)
+
+
+def test_hash_follows_content(profile_samples) -> None:
+    a = Profile.build(profile_samples, model="synthetic")
+    b = Profile.build(profile_samples, model="synthetic")
+    c = Profile.build(profile_samples[:1], model="synthetic")
+    assert a.hash == b.hash != c.hash
+
+
+def test_corrupt_profile_files(profile, tmp_path) -> None:
+    path = tmp_path / "p.kvprof"
+    profile.save(path)
+    raw = bytearray(path.read_bytes())
+    for at in (0, 10, len(raw) // 2, len(raw) - 30):
+        bad = bytearray(raw)
+        bad[at] ^= 0x55
+        (tmp_path / "bad").write_bytes(bytes(bad))
+        try:
+            loaded = Profile.load(tmp_path / "bad")
+        except CodecError:
+            continue
+        assert loaded.hash == profile.hash  # a flip in zip metadata that changes nothing
+    (tmp_path / "short").write_bytes(bytes(raw[: len(raw) // 3]))
+    with pytest.raises(CodecError):
+        Profile.load(tmp_path / "short")
+    with pytest.raises(CodecError):
+        Profile.load(tmp_path / "missing")
+
+
+def test_tampered_table_is_caught_by_the_hash(profile, tmp_path) -> None:
+    arrays = dict(profile._arrays)
+    key = next(k for k in arrays if not k.endswith((".mu", ".sigma")))
+    arrays[key] = arrays[key].copy()
+    arrays[key][0, 0] += 1
+    path = tmp_path / "p.kvprof"
+    profile.save(path)
+    with np.load(path) as z:
+        meta = z["meta"]
+    buf = io.BytesIO()
+    np.savez(buf, meta=meta, **arrays)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(CodecError, match="hash"):
+        Profile.load(path)
+
+
+def test_profile_of_another_shape_is_refused(profile) -> None:
+    kv = synthetic_kv([(10, 32)])
+    with pytest.raises(CodecError, match="layers"):
+        encode(kv, "default", profile)
+    kv = synthetic_kv([(10, 96), (10, 96), (10, 32)])
+    with pytest.raises(CodecError, match="wide"):
+        encode(kv, "default", profile)
+
+
+def test_build_needs_samples() -> None:
+    with pytest.raises(CodecError):
+        Profile.build([], model="x")
+    with pytest.raises(CodecError):
+        Profile.build([KVCache(keys=[np.zeros((4, 8), np.float16)],
+                               values=[np.zeros((4, 8), np.float16)]),
+                       KVCache(keys=[np.zeros((4, 9), np.float16)],
+                               values=[np.zeros((4, 9), np.float16)])], model="x")

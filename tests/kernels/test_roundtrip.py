@@ -1,0 +1,191 @@
+"""Round trips over levels, dtypes and shapes: lossless is bit-exact, lossy stays within
+the quantization step, and the bytes do not depend on the number of threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpool.kernels import LEVELS, KVCache, _codec, decode, encode, levels, peek
+from kvpool.kernels.codec import raw_nbytes
+
+from .conftest import as_numpy, synthetic_kv
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+LOSSY = [name for name in LEVELS if name != "lossless"]
+
+
+def bf16(raw: bytes) -> np.ndarray:
+    return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def plane_steps(data: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per plane of a self-contained quantized frame: (sigma [width], scale [tokens]), read
+    from its sections as docs/bitstream.md lays them out."""
+    h = _codec.parse(np.frombuffer(data, np.uint8))
+    out, at = [], h["header_size"]
+    for p in range(2 * len(h["layers"])):
+        tokens, width, *bins = h["layers"][p // 2]
+        delta, anchor = bins[p % 2], bins[2 + p % 2]
+        tables = -(-width // h["table_group"]) * 2 * (anchor + delta)
+        sigma = bf16(data[at + 2 * width : at + 4 * width])
+        scale = bf16(data[at + 4 * width + tables : at + 4 * width + tables + 2 * tokens])
+        out.append((sigma, scale))
+        at += int.from_bytes(data[h["header_size"] - 8 * len(h["layers"]) + 4 * p :][:4], "little")
+    return out
+
+
+def check_bound(kv: KVCache, out: KVCache, data: bytes, dtype: torch.dtype) -> None:
+    """Every decoded value lies within half a quantization step (sigma[c] * scale[t] / 2)
+    of its input, plus the output dtype's rounding (docs/bitstream.md, "Quantizer")."""
+    ulp = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}[dtype]
+    planes = [x for pair in zip(kv.keys, kv.values) for x in pair]
+    decoded = [x for pair in zip(out.keys, out.values) for x in pair]
+    for p, ((sigma, scale), x, y) in enumerate(zip(plane_steps(data), planes, decoded)):
+        x, y = as_numpy(x).astype(np.float64), as_numpy(y).astype(np.float64)
+        if not x.size:
+            continue
+        rounding = np.maximum(np.abs(x), np.abs(y)) * ulp * 1.01
+        bound = sigma[None, :] * scale[:, None] / 2 * (1 + 1e-5) + rounding + 1e-30
+        assert np.all(np.abs(y - x) <= bound), f"plane {p}: error above half a step"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lossless_is_bit_exact(dtype: torch.dtype) -> None:
+    kv = synthetic_kv([(70, 48), (3, 48), (129, 80)], dtype)
+    out = decode(encode(kv, "lossless"))
+    for a, b in zip([*kv.keys, *kv.values], [*out.keys, *out.values]):
+        assert b.dtype == dtype
+        assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           b.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def test_lossless_keeps_nan_inf_and_negative_zero() -> None:
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0, 65504.0, 6e-8]] * 5,
+                     dtype=torch.float16)
+    kv = KVCache(keys=[x], values=[x.flip(1)])
+    out = decode(encode(kv, "lossless"))
+    assert torch.equal(out.keys[0].view(torch.int16), x.view(torch.int16))
+
+
+@pytest.mark.parametrize("level", LOSSY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lossy_error_within_quantization_step(level: str, dtype: torch.dtype) -> None:
+    kv = synthetic_kv([(200, 96), (65, 64), (1, 32)], dtype)
+    data = encode(kv, level)
+    out = decode(data)
+    assert [tuple(t.shape) for t in out.keys] == [tuple(t.shape) for t in kv.keys]
+    assert all(t.dtype == dtype for t in [*out.keys, *out.values])
+    check_bound(kv, out, data, dtype)
+    assert peek(data).level == level
+
+
+DELTA = levels.Level(
+    "delta16",
+    anchor_group=16,
+    key_bins=((0.5, 63), (1.0, 31)),
+    value_bins=((1.0, 31),),
+    key_delta_bins=((1.0, 15),),
+    value_delta_bins=((0.5, 11), (1.0, 7)),
+)
+
+
+@pytest.fixture
+def delta_level(monkeypatch) -> str:
+    """A level with anchor groups (differences to the group's first row)."""
+    monkeypatch.setattr(levels, "LEVEL_TABLE", (*levels.LEVEL_TABLE, DELTA))
+    return DELTA.name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_anchor_groups_round_trip_within_the_step(delta_level: str, dtype: torch.dtype) -> None:
+    kv = synthetic_kv([(200, 96), (70, 64), (16, 8), (17, 8)], dtype)
+    data = encode(kv, delta_level)
+    assert peek(data).bins[0] == (15, 11, 63, 31)
+    check_bound(kv, decode(data), data, dtype)
+
+
+def test_anchor_groups_with_a_profile(delta_level: str, profile_samples) -> None:
+    from kvpool.kernels import Profile
+
+    profile = Profile.build(profile_samples, model="synthetic")
+    kv = profile_samples[2]
+    data = encode(kv, delta_level, profile)
+    assert len(data) < len(encode(kv, delta_level))
+    out = decode(data, profile)
+    assert all(o.shape == k.shape for o, k in zip(out.keys, kv.keys))
+
+
+def test_levels_order_ratio() -> None:
+    kv = synthetic_kv([(256, 128)] * 4)
+    sizes = [len(encode(kv, name)) for name in LEVELS]
+    assert sizes == sorted(sizes, reverse=True), dict(zip(LEVELS, sizes))
+    print("ratios vs fp16:", {n: round(raw_nbytes(kv) / s, 2) for n, s in zip(LEVELS, sizes)})
+
+
+def test_numpy_inputs_match_torch() -> None:
+    kv = synthetic_kv([(50, 32), (50, 32)])
+    as_np = KVCache(keys=[k.numpy() for k in kv.keys], values=[v.numpy() for v in kv.values])
+    assert encode(kv, "default") == encode(as_np, "default")
+
+
+@pytest.mark.parametrize("level", ["lossless", "default"])
+def test_threads_produce_identical_bytes(level: str) -> None:
+    kv = synthetic_kv([(300, 128), (300, 128), (150, 64)])
+    one = encode(kv, level, threads=1)
+    assert encode(kv, level, threads=2) == one
+    assert encode(kv, level, threads=7) == one
+    a, b = decode(one, threads=1), decode(one, threads=5)
+    assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values], [*b.keys, *b.values]))
+
+
+def test_empty_and_tiny_shapes() -> None:
+    for layers in ([], [(0, 0)], [(0, 64)], [(5, 0)], [(1, 1)], [(1, 300), (0, 8)]):
+        kv = synthetic_kv(layers)
+        for level in ("lossless", "default"):
+            data = encode(kv, level)
+            out = decode(data)
+            assert [tuple(t.shape) for t in out.values] == [tuple(t.shape) for t in kv.values]
+            info = peek(data)
+            assert info.encoded_bytes == len(data)
+            assert info.layers == [tuple(s) for s in layers]
+
+
+def test_constant_and_zero_planes_decode_exactly() -> None:
+    zeros = torch.zeros(40, 16, dtype=torch.float16)
+    const = torch.full((40, 16), 3.5, dtype=torch.float16)
+    out = decode(encode(KVCache(keys=[zeros], values=[const]), "lowest"))
+    assert torch.equal(out.keys[0], zeros) and torch.equal(out.values[0], const)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, 140), st.integers(0, 140)), min_size=0, max_size=4),
+    level=st.sampled_from(LEVELS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31),
+)
+def test_roundtrip_property(shapes, level, dtype, seed) -> None:
+    kv = synthetic_kv(shapes, dtype, seed)
+    data = encode(kv, level)
+    info = peek(data)
+    assert info.encoded_bytes == len(data)
+    assert info.raw_bytes == raw_nbytes(kv) * (2 if dtype == torch.float32 else 1)
+    out = decode(data)
+    if level == "lossless":
+        for a, b in zip([*kv.keys, *kv.values], [*out.keys, *out.values]):
+            assert torch.equal(a, b)
+    else:
+        check_bound(kv, out, data, dtype)
+
+
+def test_non_finite_values_need_lossless() -> None:
+    x = torch.ones(8, 8, dtype=torch.float16)
+    x[3, 3] = float("inf")
+    from kvpool.kernels import CodecError
+
+    with pytest.raises(CodecError, match="invalid input"):
+        encode(KVCache(keys=[x], values=[x]), "default")
