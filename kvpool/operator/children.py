@@ -13,7 +13,8 @@ every command with the real parsers):
   naming ``KVPoolConnector`` from ``kvpool.sidecar.connector`` (``kv_producer`` on
   prefill, ``kv_consumer`` on decode, the pool's failure policy as
   ``kv_load_failure_policy``) and ``kv_connector_extra_config`` ``{"sidecar":
-  "unix://<socket>", "load_timeout_s": ...}``; on prefill, ``--max-num-batched-tokens``
+  "unix://<socket>", "load_timeout_s": ...}``, built by the data plane's own
+  :func:`kvpool.sidecar.vllm_args.kv_transfer_config`; on prefill, ``--max-num-batched-tokens``
   is the chunk size (the connector hands the sidecar one chunk per prefill step).
 - sidecar: ``kvpool sidecar --local unix://<socket> --peer 0.0.0.0:P --advertise
   $(POD_IP):P --metrics 0.0.0.0:M`` and the transfer flags (``--transport``, ``--level``,
@@ -34,6 +35,7 @@ from typing import Any
 
 from kvpool.operator import api, schema
 from kvpool.operator.settings import RenderSettings
+from kvpool.sidecar import vllm_args
 
 MANAGED_BY = "kvpool-operator"
 POOL_LABEL = "kvpool.dev/pool"
@@ -41,8 +43,6 @@ ROLE_LABEL = "kvpool.dev/role"
 HASH_ANNOTATION = "kvpool.dev/inputs-hash"
 CONFIG_HASH_ANNOTATION = "kvpool.dev/config-hash"
 
-CONNECTOR = "KVPoolConnector"
-CONNECTOR_MODULE = "kvpool.sidecar.connector"
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 SOCKET_NAME = "sidecar.sock"
 PREFILL_MAX_SEQS = 256
@@ -171,16 +171,12 @@ def _grpc_probe(port: int, period: int, failures: int) -> dict[str, Any]:
 
 
 def _kv_transfer_config(role: str, spec: api.KVCachePoolSpec, settings: RenderSettings) -> str:
-    config = {
-        "kv_connector": CONNECTOR,
-        "kv_connector_module_path": CONNECTOR_MODULE,
-        "kv_role": KV_ROLES[role],
-        "kv_load_failure_policy": spec.transfer.failure_policy,
-        "kv_connector_extra_config": {
-            "sidecar": sidecar_address(settings),
-            "load_timeout_s": spec.transfer.timeout_ms / 1000,
-        },
-    }
+    config = vllm_args.kv_transfer_config(
+        sidecar_address(settings),
+        role=KV_ROLES[role],
+        failure_policy=spec.transfer.failure_policy,
+        load_timeout_s=spec.transfer.timeout_ms / 1000,
+    )
     return json.dumps(config, separators=(",", ":"))
 
 
