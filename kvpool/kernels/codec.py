@@ -131,8 +131,14 @@ def encode(
     profile: Profile | None = None,
     *,
     threads: int | None = None,
+    depth: tuple[int, int] | None = None,
 ) -> bytes:
     """One chunk -> one self-delimiting bitstream v1 frame (docs/bitstream.md).
+
+    ``depth=(first, count)`` says that the chunk's layers are layers ``first, first + 1, ...``
+    of a model of ``count`` layers, for the level's bins-over-depth schedule (a chunk of one
+    layer of a model, as the sidecar sends them); by default the chunk holds every layer of
+    the model. The bins land in the header, so decoding needs no such argument.
 
     Releases the GIL. With a profile (lossy levels), the frame names the profile's hash and
     carries no tables or channel statistics; without one it carries its own. ``lossless``
@@ -142,8 +148,11 @@ def encode(
     lv = levels.get(level)
     planes = _planes(kv)
     n = len(planes) // 2
-    layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]), *lv.layer_bins(i, n))
-              for i in range(n)]
+    first, count = (0, n) if depth is None else depth
+    if not (0 <= first and first + n <= count):
+        raise CodecError(f"depth={depth}: {n} layers from layer {first} do not fit in {count}")
+    layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]),
+               *lv.layer_bins(first + i, count)) for i in range(n)]
     use_profile = profile is not None and not lv.lossless
     tables = profile.tables_for(lv.anchor_group, layers) if use_profile else None
     group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)

@@ -44,9 +44,12 @@ class ThroughputEstimator:
 
     Each sample is the bytes of one chunk and the seconds it spent on the wire (from
     handing it to the stream, or the previous acknowledgement, to its own). The estimate
-    is the harmonic mean of the last ``window`` samples' rates (as robustMPC does): one
-    slow chunk pulls it down at once (a late chunk is costly), one fast outlier barely
-    lifts it, and a lasting change takes over within ``window`` chunks.
+    is the harmonic mean of the last ``window`` samples' rates (as robustMPC does), or the
+    last sample's rate when that is lower: a drop is taken at once (in the harmonic mean
+    one 10x slower chunk among three only brings the estimate down 4x, and the chunk sent
+    on that estimate arrives late), a rise takes over within ``window`` chunks, and one
+    fast outlier barely lifts it (nor does one stalled chunk weigh on more than the next
+    choice and its share of the mean).
     """
 
     def __init__(self, *, window: int = 3, initial_bps: float | None = None) -> None:
@@ -71,7 +74,7 @@ class ThroughputEstimator:
         """The estimate, or None before the first sample when no initial guess was given."""
         if not self._rates:
             return None
-        return len(self._rates) / sum(1 / r for r in self._rates)
+        return min(len(self._rates) / sum(1 / r for r in self._rates), self._rates[-1])
 
 
 @dataclass

@@ -125,7 +125,7 @@ def _stop(*procs: subprocess.Popen | None) -> None:
 def grpc_stream(link: netns.Link | None, tokens: int, policy: str, deadline_s: float = 1e6,
                 *, drop: tuple[int, str] | None = None, extra: tuple[str, ...] = ()) -> dict:
     """One ``linkstream send`` run; returns its ``done`` report. ``drop=(n, rate)`` changes
-    the link's rate after ``n`` chunks."""
+    the link's rate after ``n`` chunks (the sender holds, its clock stopped, meanwhile)."""
     recv_prefix = link.exec_in("b") if link else []
     send_prefix = link.exec_in("a") if link else []
     host = link.address("b") if link else "127.0.0.1"
@@ -135,7 +135,7 @@ def grpc_stream(link: netns.Link | None, tokens: int, policy: str, deadline_s: f
         port = _read(receiver, "ready")["port"]
         sender = _linkstream(send_prefix, "send", "--target", f"{host}:{port}", "--tokens",
                              str(tokens), "--policy", policy, "--deadline", str(deadline_s),
-                             "--wait", *extra)
+                             "--wait", *extra, *(("--hold-after", str(drop[0])) if drop else ()))
         _read(sender, "ready")
         sender.stdin.write("go\n")
         sender.stdin.flush()
@@ -146,6 +146,8 @@ def grpc_stream(link: netns.Link | None, tokens: int, policy: str, deadline_s: f
                 seen += 1
                 if drop and seen == drop[0]:
                     link.set_rate(drop[1])
+                    sender.stdin.write("go\n")
+                    sender.stdin.flush()
             elif msg["event"] == "done":
                 return msg
             else:

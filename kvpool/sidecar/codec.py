@@ -48,15 +48,20 @@ def check_level(level: str) -> str:
     return level
 
 
-def encode(chunk: pb.RawChunk, level: str) -> bytes:
-    """One layer's keys and values (a RawChunk, its key aside) -> payload bytes."""
+def encode(chunk: pb.RawChunk, level: str, num_layers: int = 0) -> bytes:
+    """One layer's keys and values (a RawChunk) -> payload bytes.
+
+    ``num_layers`` (the model's; 0 = unknown) places the chunk's layer (``chunk.key.layer``)
+    in the level's bins-over-depth schedule; unknown, the chunk codes as a model's layer 0.
+    """
     if level == RAW:
         return pb.RawChunk(
             dtype=chunk.dtype, width=chunk.width, keys=chunk.keys, values=chunk.values
         ).SerializeToString()
     kernels = _kernels()
     try:
-        return kernels.encode(to_kvcache(chunk), level=level)
+        depth = (chunk.key.layer, num_layers) if num_layers else None
+        return kernels.encode(to_kvcache(chunk), level=level, depth=depth)
     except (ValueError, kernels.CodecError) as exc:
         raise ChunkCodecError(f"cannot encode chunk: {exc}") from exc
 

@@ -360,7 +360,7 @@ class KVPoolWorker:
             return
         self.client.put(pb.PutRequest(
             transfer_id=spec.transfer_id, model=self.config.model, level=spec.level,
-            push_to=spec.push_to,
+            push_to=spec.push_to, num_layers=len(self.layer_names),
             chunk=pb.RawChunk(
                 key=pb.ChunkKey(layer=layer, token_start=spec.start, token_end=spec.end,
                                 prefix_hash=spec.prefix_hash),

@@ -43,6 +43,7 @@ METHOD = f"/{SERVICE}/Stream"
 
 def _stream(requests, context):
     """Ack each chunk on arrival (its CRC checked), then decode it."""
+    context.send_initial_metadata(())  # the stream is open: the sender starts its clock
     for n, chunk in enumerate(requests, start=1):
         ok = google_crc32c.value(chunk.payload) == chunk.crc32c
         yield pb.PushReply(chunks=n if ok else 0)
@@ -122,20 +123,22 @@ def layer_chunks(keys, values) -> list[pb.RawChunk]:
 
 
 def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolicy | str,
-         deadline_s: float, *, on_chunk=None, timeout: float = 120.0) -> StreamReport:
+         deadline_s: float, *, on_chunk=None, hold=None, timeout: float = 120.0) -> StreamReport:
     """Stream ``raw_chunks`` to a ``serve`` end at ``target`` within ``deadline_s``.
 
     ``policy`` is a :class:`~kvpool.sidecar.adaptive.LevelPolicy` (per-chunk choice, fed
     with every acknowledgement) or a fixed level name. A ``recompute`` decision ends the
     stream: decode would run the prefill itself. ``on_chunk(report)`` is called per chunk.
+    ``hold(report)`` is called after each acknowledgement, before the next chunk goes out;
+    the time it takes is left out of the transfer's clock (a caller that changes the link
+    there knows which chunks crossed the old link and which the new one).
     """
     name = policy if isinstance(policy, str) else policy.name
     report = StreamReport(name, deadline_s)
     total = sum(len(c.keys) + len(c.values) for c in raw_chunks)
+    num_layers = max((c.key.layer for c in raw_chunks), default=-1) + 1
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     grpc.channel_ready_future(channel).result(timeout=timeout)  # connecting is not the link
-    start = time.monotonic()
-    deadline = adaptive.TransferDeadline(start + deadline_s, total)
     outbox: list[pb.WireChunk | None] = []
     ready = threading.Condition()
 
@@ -152,12 +155,15 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
         acks = channel.stream_stream(
             METHOD, request_serializer=pb.WireChunk.SerializeToString,
             response_deserializer=pb.PushReply.FromString)(requests(), timeout=timeout)
+        acks.initial_metadata()  # nor is opening the stream (else the first sample is slow)
+        start = time.monotonic()
+        deadline = adaptive.TransferDeadline(start + deadline_s, total)
         sent_raw = 0
         pending: tuple | None = None  # the chunk on the wire: (report, handoff time)
         last_ack = 0.0
 
         def settle() -> None:
-            nonlocal last_ack
+            nonlocal last_ack, start
             chunk, handoff = pending
             ack = next(acks)
             now = time.perf_counter()
@@ -171,6 +177,12 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
             report.chunks.append(chunk)
             if on_chunk is not None:
                 on_chunk(chunk)
+            if hold is not None:
+                t0 = time.monotonic()
+                hold(chunk)
+                held = time.monotonic() - t0
+                start += held
+                deadline.deadline += held
 
         for i, raw in enumerate(raw_chunks):
             raw_bytes = len(raw.keys) + len(raw.values)
@@ -189,7 +201,7 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
                                                  time.monotonic() - start, due))
                 break
             t0 = time.perf_counter()
-            payload = codec.encode(raw, level)  # overlaps the previous chunk's wire time
+            payload = codec.encode(raw, level, num_layers)  # overlaps the previous chunk's wire time
             t1 = time.perf_counter()
             if not isinstance(policy, str) and level != adaptive.RAW:
                 policy.model.observe(level, raw_bytes, len(payload), t1 - t0)
@@ -240,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="link rate assumed before the first measurement (adaptive)")
     c.add_argument("--wait", action="store_true",
                    help="read one line on stdin before sending (lets the caller get ready)")
+    c.add_argument("--hold-after", type=int, metavar="N",
+                   help="after N chunks are acknowledged, stop the clock and read one line on "
+                        "stdin before sending on (lets the caller change the link there)")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         server, port = serve(args.host, args.port)
@@ -262,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     _emit({"event": "ready", "chunks": len(raw_chunks)})
     if args.wait:
         sys.stdin.readline()
+    def hold(chunk: ChunkReport) -> None:
+        if chunk.chunk + 1 == args.hold_after:
+            sys.stdin.readline()
+
     report = send(args.target, raw_chunks, policy, args.deadline,
-                  on_chunk=lambda ch: _emit({"event": "chunk", **asdict(ch)}))
+                  on_chunk=lambda ch: _emit({"event": "chunk", **asdict(ch)}),
+                  hold=hold if args.hold_after else None)
     _emit({"event": "done", **report.to_json()})
     return 0
 

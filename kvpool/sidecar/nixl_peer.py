@@ -61,8 +61,9 @@ def _stream_kv(conn: Connection, source, tokens: int, level: str) -> None:
     encoded, sending its location at once (the reader pulls while the next one encodes)."""
     from kvpool.sidecar import codec, linkstream, realkv
 
-    for raw in linkstream.layer_chunks(*realkv.prompt_kv(tokens)):
-        payload = codec.encode(raw, level)
+    raw_chunks = linkstream.layer_chunks(*realkv.prompt_kv(tokens))
+    for raw in raw_chunks:
+        payload = codec.encode(raw, level, len(raw_chunks))
         conn.send(("chunk", (source.publish(payload).to_bytes(), len(raw.keys) + len(raw.values))))
 
 

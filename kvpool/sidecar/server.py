@@ -196,6 +196,17 @@ class Sidecar:
 
     # ---- work shared by the services ------------------------------------------------------
 
+    def loaded(self, transfer: Transfer, transfer_id: str, start: float) -> None:
+        """Count a transfer whose every chunk went to the connector (decode side)."""
+        self.metrics.transfers.labels("decode", "loaded").inc()
+        self.metrics.chunk_latency.observe(time.perf_counter() - start)
+        self.health.transfer_done(transfer.raw_bytes, transfer.wire_bytes,
+                                  time.perf_counter() - start)
+        log.info("transfer loaded", extra={
+            "transfer": transfer_id, "chunks": len(transfer.chunks),
+            "raw_bytes": transfer.raw_bytes, "wire_bytes": transfer.wire_bytes,
+            "seconds": round(time.perf_counter() - transfer.created_at, 4)})
+
     async def run_codec(self, op: str, fn, *args):
         start = time.perf_counter()
         result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -327,7 +338,8 @@ class LocalService(pb_grpc.LocalServicer):
                         s.start_push(transfer, request.push_to)
                     return pb.PutReply(wire_bytes=0)
             codec.check_level(level)
-            payload = await s.run_codec("encode", codec.encode, raw, level)
+            payload = await s.run_codec("encode", codec.encode, raw, level,
+                                             request.num_layers)
             transfer.add(pb.WireChunk(
                 key=raw.key, level=level, payload=payload, crc32c=checksum(payload),
                 raw_bytes=len(raw.keys) + len(raw.values),
@@ -381,6 +393,9 @@ class LocalService(pb_grpc.LocalServicer):
         try:
             async for item in transfer.follow(s.config.transfer_timeout_s):
                 if isinstance(item, pb.TransferEnd):
+                    # Counted before the last reply: the connector hangs up as soon as it
+                    # has it, which may close this stream at the yield.
+                    s.loaded(transfer, request.transfer_id, start)
                     yield pb.LoadReply(end=item)
                     break
                 if item.key.token_end <= request.first_token:
@@ -401,14 +416,6 @@ class LocalService(pb_grpc.LocalServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             s.store.drop(request.transfer_id)
-        s.metrics.transfers.labels("decode", "loaded").inc()
-        s.metrics.chunk_latency.observe(time.perf_counter() - start)
-        s.health.transfer_done(transfer.raw_bytes, transfer.wire_bytes,
-                               time.perf_counter() - start)
-        log.info("transfer loaded", extra={
-            "transfer": request.transfer_id, "chunks": len(transfer.chunks),
-            "raw_bytes": transfer.raw_bytes, "wire_bytes": transfer.wire_bytes,
-            "seconds": round(time.perf_counter() - transfer.created_at, 4)})
 
 
 class PeerService(pb_grpc.PeerServicer):

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpool.kernels import LEVELS, KVCache, _codec, decode, encode, levels, peek
+from kvpool.kernels import LEVELS, CodecError, KVCache, _codec, decode, encode, levels, peek
 from kvpool.kernels.codec import raw_nbytes
 
 from .conftest import as_numpy, synthetic_kv
@@ -140,6 +140,23 @@ def test_threads_produce_identical_bytes(level: str) -> None:
     assert encode(kv, level, threads=7) == one
     a, b = decode(one, threads=1), decode(one, threads=5)
     assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values], [*b.keys, *b.values]))
+
+
+def test_depth_picks_the_bins_of_the_model_layer() -> None:
+    """A chunk of one layer of a deep model gets that layer's bins from the level's schedule,
+    the same as when the chunk holds every layer."""
+    level = levels.get("low")
+    whole = peek(encode(synthetic_kv([(32, 64)] * 10), "low")).bins
+    assert whole == [level.layer_bins(i, 10) for i in range(10)]
+    assert whole[0] != whole[9]  # the schedule changes over the depth
+    for i in (0, 1, 9):
+        one = encode(synthetic_kv([(32, 64)], seed=i), "low", depth=(i, 10))
+        assert peek(one).bins == [whole[i]]
+        assert decode(one).keys[0].shape == (32, 64)
+    assert peek(encode(synthetic_kv([(32, 64)] * 2), "low", depth=(8, 10))).bins == whole[8:]
+    for bad in ((9, 10), (-1, 10), (0, 1)):
+        with pytest.raises(CodecError, match="do not fit"):
+            encode(synthetic_kv([(32, 64)] * 2), "low", depth=bad)
 
 
 def test_empty_and_tiny_shapes() -> None:

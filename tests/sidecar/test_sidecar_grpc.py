@@ -54,13 +54,13 @@ async def pair(tmp_path):
         await s.stop(grace=0)
 
 
-async def put_transfer(local, tid, tokens, ranges, push_to="", level="raw"):
+async def put_transfer(local, tid, tokens, ranges, push_to="", level="raw", num_layers=0):
     sent = {}
     for start, end in ranges:
         for layer in range(LAYERS):
             raw, k, v = make_chunk(layer, start, end, tokens)
             await local.Put(pb.PutRequest(transfer_id=tid, model=MODEL, level=level,
-                                          push_to=push_to, chunk=raw))
+                                          push_to=push_to, chunk=raw, num_layers=num_layers))
             sent[layer, start] = (k, v)
     await local.Seal(pb.SealRequest(transfer_id=tid, model=MODEL, num_tokens=ranges[-1][1],
                                     num_layers=LAYERS, push_to=push_to))
@@ -206,3 +206,19 @@ async def test_codec_levels_through_two_sidecars(pair, level):
             assert (got[key][0].float() - k.float()).abs().max() < 1.0
     if level == "default":  # Gaussian noise is the codec's worst case; real KV does better
         assert transfer.wire_bytes < transfer.raw_bytes / 3
+
+
+async def test_each_layer_codes_with_its_bins_over_the_model_depth(pair):
+    """The connector names the model's layer count: a one-layer chunk takes the bins of its
+    layer in the level's schedule (``low`` changes them past 15 % of the depth)."""
+    if "low" not in codec.levels():
+        pytest.skip("the codec's lossy levels are not built here")
+    from kvpool import kernels
+
+    (prefill, _), (p_local, _) = pair
+    await put_transfer(p_local, "t11", list(range(64)), [(0, 64)], level="low",
+                       num_layers=LAYERS)
+    bins = {c.key.layer: kernels.peek(c.payload).bins for c in prefill.store.get("t11").chunks}
+    low = kernels.levels.get("low")
+    assert bins == {i: [low.layer_bins(i, LAYERS)] for i in range(LAYERS)}
+    assert bins[0] != bins[LAYERS - 1]

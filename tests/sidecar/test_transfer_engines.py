@@ -87,6 +87,8 @@ def test_default_lossy_level_keeps_95_percent_of_greedy_tokens(pd):
     if matched / total < 0.95:
         # The same prompts through the codec's round trip alone (transformers, no vLLM,
         # no transfer) give the very same tokens: the loss is the level's, not the path's.
+        # These prompts' greedy steps are often near ties, which every lossy level flips
+        # (docs/codec-benchmark.md, "Greedy agreement depends on the text's near-ties").
         pytest.xfail(f"codec level 'default' keeps {matched}/{total} greedy tokens of "
                      "SmolLM2-135M (target 95 %)")
 

@@ -64,7 +64,7 @@ def test_levels_drop_with_the_link_and_the_request_meets_its_deadline(link, real
         port = _line(receiver)["port"]
         sender = _spawn(link, "a", "send", "--target", f"{link.address('b')}:{port}", "--tokens",
                         str(TOKENS), "--policy", "adaptive", "--deadline", f"{deadline:.3f}",
-                        "--initial-mbps", "1000", "--wait")
+                        "--initial-mbps", "1000", "--wait", "--hold-after", str(DROP_AFTER))
         assert _line(sender)["chunks"] == layers
         sender.stdin.write("go\n")
         sender.stdin.flush()
@@ -73,8 +73,10 @@ def test_levels_drop_with_the_link_and_the_request_meets_its_deadline(link, real
             msg = _line(sender)
             if msg["event"] == "chunk":
                 chunks.append(msg)
-                if len(chunks) == DROP_AFTER:
+                if len(chunks) == DROP_AFTER:  # the sender holds (its clock stopped) meanwhile
                     link.set_rate("100mbit")
+                    sender.stdin.write("go\n")
+                    sender.stdin.flush()
             else:
                 done = msg
         assert sender.wait(30) == 0
@@ -85,8 +87,8 @@ def test_levels_drop_with_the_link_and_the_request_meets_its_deadline(link, real
                 proc.wait(10)
     levels = done["levels"]
     print(f"deadline {deadline:.3f} s, finished {done['finished_s']:.3f} s, levels {levels}")
-    # The estimator takes over a lasting change within its 3-chunk window, and one more
-    # chunk was already chosen (pipelined) when the first slow acknowledgement came.
+    # The estimator drops with the first slow acknowledgement; the chunk sent then was
+    # chosen before the drop, and one more before that acknowledgement came (pipelined).
     before, after = levels[:DROP_AFTER], levels[DROP_AFTER + REACTION:]
     assert before and all(lv == RAW for lv in before), "1 Gbit/s: encoding does not pay"
     assert after and all(lv != RAW for lv in after), "100 Mbit/s: raw is too slow"
