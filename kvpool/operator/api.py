@@ -40,6 +40,7 @@ ROLES = ("prefill", "decode")
 
 TransportName = Literal["grpc", "nixl"]
 CodecName = Literal["cachegen", "raw"]
+LevelName = Literal["adaptive", "high", "default", "low", "lowest"]
 FailurePolicy = Literal["recompute", "fail"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -131,14 +132,13 @@ class TransferSpec:
         "cachegen: CacheGen-style compression; raw: the KV bytes as vLLM holds them.",
         default="cachegen",
     )
-    level: str = field(
-        "Compression level (0 = most precise) or 'adaptive' (picked per chunk from the "
-        "measured throughput).",
+    level: LevelName = field(
+        "CacheGen level: adaptive (picked per chunk from the measured throughput so that the "
+        "KV arrives within ttftTargetMs), or a fixed one from high (most precise) to lowest.",
         default="adaptive",
-        pattern=r"^(adaptive|[0-9])$",
     )
     lossless: bool = field(
-        "Encode without quantization (bit-exact KV); cachegen only.", default=False
+        "Encode without quantization (bit-exact KV; overrides level); cachegen only.", default=False
     )
     block_size: int = field(
         "vLLM KV block size in tokens (--block-size), the same for both roles.",
@@ -147,7 +147,8 @@ class TransferSpec:
         maximum=256,
     )
     chunk_tokens: int = field(
-        "Tokens per transferred chunk; a multiple of blockSize.",
+        "Tokens per transferred chunk (prefill's vLLM step: --max-num-batched-tokens); a "
+        "multiple of blockSize.",
         default=256,
         minimum=16,
         maximum=8192,
@@ -157,8 +158,15 @@ class TransferSpec:
         default="recompute",
     )
     timeout_ms: int = field(
-        "How long decode waits for a chunk before applying failurePolicy.",
+        "How long decode waits for a transfer's KV before applying failurePolicy.",
         default=5000,
+        minimum=10,
+        maximum=600000,
+    )
+    ttft_target_ms: int = field(
+        "With level adaptive: milliseconds from a transfer's first chunk by which all of its "
+        "KV should be in decode.",
+        default=2000,
         minimum=10,
         maximum=600000,
     )

@@ -6,16 +6,23 @@ Deployment and Service, and a PodDisruptionBudget per Deployment. No I/O, no clo
 same inputs give the same objects (golden tests pin them), every object carries an
 owner reference to the pool and the hash of the inputs it was rendered from.
 
-Contract with the data plane (what the pods run):
+Contract with the data plane (what the pods run; tests/operator/test_commands.py parses
+every command with the real parsers):
 
 - vLLM: ``python -m vllm.entrypoints.openai.api_server`` with ``--kv-transfer-config``
   naming ``KVPoolConnector`` from ``kvpool.sidecar.connector`` (``kv_producer`` on
-  prefill, ``kv_consumer`` on decode) and the sidecar's socket in
-  ``kv_connector_extra_config``.
-- sidecar: ``kvpool sidecar --role ROLE --socket PATH --port P --metrics-port M``, the
-  transfer settings from the ConfigMap as ``KVPOOL_*`` environment variables.
-- router: ``kvpool router --port P --prefill HOST:PORT --decode HOST:PORT`` where the
-  hosts are the roles' headless Services (they resolve to every ready pod).
+  prefill, ``kv_consumer`` on decode, the pool's failure policy as
+  ``kv_load_failure_policy``) and ``kv_connector_extra_config`` ``{"sidecar":
+  "unix://<socket>", "load_timeout_s": ...}``, built by the data plane's own
+  :func:`kvpool.sidecar.vllm_args.kv_transfer_config`; on prefill, ``--max-num-batched-tokens``
+  is the chunk size (the connector hands the sidecar one chunk per prefill step).
+- sidecar: ``kvpool sidecar --local unix://<socket> --peer 0.0.0.0:P --advertise
+  $(POD_IP):P --metrics 0.0.0.0:M`` and the transfer flags (``--transport``, ``--level``,
+  ``--ttft-target-ms``, ``--transfer-timeout``) as ``$(KVPOOL_*)`` references that the
+  kubelet expands from the pool's ConfigMap. The advertised address is what a prefill
+  sidecar puts in ``kv_transfer_params`` (``kvpool_peer``): decode pulls the KV from there.
+- router: ``kvpool router --host 0.0.0.0 --port P --prefill http://HOST:PORT --decode
+  http://HOST:PORT`` where the hosts are the roles' headless Services.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from kvpool.operator import api, schema
 from kvpool.operator.settings import RenderSettings
+from kvpool.sidecar import vllm_args
 
 MANAGED_BY = "kvpool-operator"
 POOL_LABEL = "kvpool.dev/pool"
@@ -34,10 +43,11 @@ ROLE_LABEL = "kvpool.dev/role"
 HASH_ANNOTATION = "kvpool.dev/inputs-hash"
 CONFIG_HASH_ANNOTATION = "kvpool.dev/config-hash"
 
-CONNECTOR = "KVPoolConnector"
-CONNECTOR_MODULE = "kvpool.sidecar.connector"
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 SOCKET_NAME = "sidecar.sock"
+PREFILL_MAX_SEQS = 256
+"""Prefill's ``--max-num-seqs`` cap: vLLM refuses more sequences than batched tokens (the
+chunk size), and its own default reaches 1024 on large GPUs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,19 +108,30 @@ def config_map_name(pool: str) -> str:
     return f"{pool}-transfer"
 
 
+def sidecar_address(settings: RenderSettings) -> str:
+    """The sidecar's Local service, as the sidecar's ``--local`` and the connector name it."""
+    return f"unix://{settings.socket_dir}/{SOCKET_NAME}"
+
+
+def sidecar_level(transfer: api.TransferSpec) -> str:
+    """The sidecar's ``--level``: ``raw`` for the raw codec, ``lossless``, or the level."""
+    if transfer.codec == "raw":
+        return "raw"
+    return "lossless" if transfer.lossless else transfer.level
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:g}"
+
+
 def transfer_env(spec: api.KVCachePoolSpec) -> dict[str, str]:
-    """The transfer and codec settings as the sidecars read them (``KVPOOL_*``)."""
+    """The sidecars' transfer settings (the ConfigMap), referenced by their flags."""
     t = spec.transfer
     return {
-        "KVPOOL_MODEL": spec.model.name,
         "KVPOOL_TRANSPORT": t.transport,
-        "KVPOOL_CODEC": t.codec,
-        "KVPOOL_LEVEL": t.level,
-        "KVPOOL_LOSSLESS": "true" if t.lossless else "false",
-        "KVPOOL_BLOCK_SIZE": str(t.block_size),
-        "KVPOOL_CHUNK_TOKENS": str(t.chunk_tokens),
-        "KVPOOL_FAILURE_POLICY": t.failure_policy,
-        "KVPOOL_TIMEOUT_MS": str(t.timeout_ms),
+        "KVPOOL_LEVEL": sidecar_level(t),
+        "KVPOOL_TTFT_TARGET_MS": str(t.ttft_target_ms),
+        "KVPOOL_TRANSFER_TIMEOUT_S": _seconds(t.timeout_ms),
     }
 
 
@@ -127,7 +148,7 @@ def _resources(res: api.Resources, gpus: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if res.requests:
         out["requests"] = dict(res.requests)
-    limits = dict(res.limits)
+    limits: dict[str, int | str] = dict(res.limits)
     if gpus:
         limits["nvidia.com/gpu"] = gpus
     if limits:
@@ -144,13 +165,18 @@ def _http_probe(path: str, port: str, period: int, failures: int) -> dict[str, A
     }
 
 
-def _kv_transfer_config(role: str, settings: RenderSettings) -> str:
-    config = {
-        "kv_connector": CONNECTOR,
-        "kv_connector_module_path": CONNECTOR_MODULE,
-        "kv_role": KV_ROLES[role],
-        "kv_connector_extra_config": {"socket": f"{settings.socket_dir}/{SOCKET_NAME}"},
-    }
+def _grpc_probe(port: int, period: int, failures: int) -> dict[str, Any]:
+    return {"grpc": {"port": port}, "periodSeconds": period, "timeoutSeconds": 5,
+            "failureThreshold": failures}
+
+
+def _kv_transfer_config(role: str, spec: api.KVCachePoolSpec, settings: RenderSettings) -> str:
+    config = vllm_args.kv_transfer_config(
+        sidecar_address(settings),
+        role=KV_ROLES[role],
+        failure_policy=spec.transfer.failure_policy,
+        load_timeout_s=spec.transfer.timeout_ms / 1000,
+    )
     return json.dumps(config, separators=(",", ":"))
 
 
@@ -164,8 +190,12 @@ def _vllm_container(
         "--host", "0.0.0.0",
         "--port", str(settings.vllm_port),
         "--block-size", str(spec.transfer.block_size),
-        "--kv-transfer-config", _kv_transfer_config(role, settings),
+        "--kv-transfer-config", _kv_transfer_config(role, spec, settings),
     ]
+    if role == "prefill":
+        chunk = spec.transfer.chunk_tokens
+        args += ["--max-num-batched-tokens", str(chunk),
+                 "--max-num-seqs", str(min(chunk, PREFILL_MAX_SEQS))]
     if r.gpus > 1:
         args += ["--tensor-parallel-size", str(r.gpus)]
     args += r.vllm_args
@@ -175,8 +205,6 @@ def _vllm_container(
         "command": ["python", "-m", "vllm.entrypoints.openai.api_server"],
         "args": args,
         "ports": [{"name": "http", "containerPort": settings.vllm_port, "protocol": "TCP"}],
-        "env": [{"name": "KVPOOL_ROLE", "value": role}],
-        "envFrom": [{"configMapRef": {"name": config_map_name(pool.name)}}],
         "volumeMounts": [
             {"name": "kvpool-socket", "mountPath": settings.socket_dir},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -200,23 +228,25 @@ def _sidecar_container(
         "image": spec.sidecar.image or settings.kvpool_image,
         "command": ["kvpool", "sidecar"],
         "args": [
-            "--role", role,
-            "--socket", f"{settings.socket_dir}/{SOCKET_NAME}",
-            "--port", str(settings.sidecar_port),
-            "--metrics-port", str(settings.sidecar_metrics_port),
+            "--local", sidecar_address(settings),
+            "--peer", f"0.0.0.0:{settings.sidecar_port}",
+            "--advertise", f"$(POD_IP):{settings.sidecar_port}",
+            "--metrics", f"0.0.0.0:{settings.sidecar_metrics_port}",
+            "--transport", "$(KVPOOL_TRANSPORT)",
+            "--level", "$(KVPOOL_LEVEL)",
+            "--ttft-target-ms", "$(KVPOOL_TTFT_TARGET_MS)",
+            "--transfer-timeout", "$(KVPOOL_TRANSFER_TIMEOUT_S)",
         ],
         "ports": [
             {"name": "kv", "containerPort": settings.sidecar_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": settings.sidecar_metrics_port, "protocol": "TCP"},
         ],
-        "env": [
-            {"name": "KVPOOL_ROLE", "value": role},
-            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        ],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "envFrom": [{"configMapRef": {"name": config_map_name(pool.name)}}],
         "volumeMounts": [{"name": "kvpool-socket", "mountPath": settings.socket_dir}],
-        "readinessProbe": _http_probe("/healthz", "metrics", 5, 3),
-        "livenessProbe": _http_probe("/healthz", "metrics", 10, 6),
+        # The standard gRPC health service, served by the sidecar on its peer port.
+        "readinessProbe": _grpc_probe(settings.sidecar_port, 5, 3),
+        "livenessProbe": _grpc_probe(settings.sidecar_port, 10, 6),
         "securityContext": _restricted_security_context(),
     }
     resources = _resources(spec.sidecar.resources)
@@ -263,14 +293,14 @@ def _deployment(
     spec: dict[str, Any] = {}
     if replicas is not None:
         spec["replicas"] = replicas
+    template_metadata: dict[str, Any] = {"labels": _labels(pool.name, component)}
+    if pod_annotations:
+        template_metadata["annotations"] = pod_annotations
     spec |= {
         "selector": {"matchLabels": role_selector(pool.name, component)},
         "strategy": {"type": "RollingUpdate",
                      "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
-        "template": {
-            "metadata": {"labels": _labels(pool.name, component), "annotations": pod_annotations},
-            "spec": pod_spec,
-        },
+        "template": {"metadata": template_metadata, "spec": pod_spec},
     }
     return {
         "apiVersion": "apps/v1",
@@ -321,8 +351,9 @@ def _headless_service(
     }
 
 
-def _service_host(pool: PoolRef, name: str) -> str:
-    return f"{name}.{pool.namespace}.svc"
+def _worker_url(pool: PoolRef, role: str, settings: RenderSettings) -> str:
+    """A role's vLLM base URL for the router: its headless Service."""
+    return f"http://{pool.name}-{role}.{pool.namespace}.svc:{settings.vllm_port}"
 
 
 def router_endpoint(pool: PoolRef, spec: api.KVCachePoolSpec, settings: RenderSettings) -> str:
@@ -341,22 +372,22 @@ def _router_deployment(
         "args": [
             "--host", "0.0.0.0",
             "--port", str(settings.router_port),
-            "--prefill", f"{_service_host(pool, pool.name + '-prefill')}:{settings.vllm_port}",
-            "--decode", f"{_service_host(pool, pool.name + '-decode')}:{settings.vllm_port}",
+            "--prefill", _worker_url(pool, "prefill", settings),
+            "--decode", _worker_url(pool, "decode", settings),
         ],
         "ports": [{"name": "http", "containerPort": settings.router_port, "protocol": "TCP"}],
-        "envFrom": [{"configMapRef": {"name": config_map_name(pool.name)}}],
+        # /health fails while a role has no worker up: not ready, but alive (/metrics).
         "readinessProbe": _http_probe("/health", "http", 5, 3),
-        "livenessProbe": _http_probe("/health", "http", 10, 6),
+        "livenessProbe": _http_probe("/metrics", "http", 10, 6),
         "securityContext": _restricted_security_context(),
     }
     resources = _resources(spec.router.resources)
     if resources:
         container["resources"] = resources
     pod_spec = {"containers": [container], "automountServiceAccountToken": False}
-    annotations = {CONFIG_HASH_ANNOTATION: _config_hash(spec)}
+    # No config hash: the router reads no transfer setting.
     return _deployment(pool, f"{pool.name}-router", "router", spec.router.replicas, pod_spec,
-                       annotations, digest)
+                       {}, digest)
 
 
 def _router_service(
@@ -404,6 +435,6 @@ def render(
     return objects
 
 
-def key(obj: dict[str, Any]) -> tuple[str, str, str]:
+def key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
     """(apiVersion, kind, name): how a child is identified among its siblings."""
     return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]

@@ -154,7 +154,8 @@ def all_crds() -> list[dict[str, Any]]:
 
 def to_yaml(doc: dict[str, Any]) -> str:
     """Stable YAML: keys in definition order, long strings unwrapped."""
-    return yaml.safe_dump(doc, sort_keys=False, width=1000, allow_unicode=True)
+    text: str = yaml.safe_dump(doc, sort_keys=False, width=1000, allow_unicode=True)
+    return text
 
 
 def files() -> dict[str, str]:

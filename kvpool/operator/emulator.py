@@ -72,7 +72,8 @@ class _DirectReplies(kmock.RawHandler):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         serve = None
-        if request.resource is not None and request.resource.plural:  # not discovery
+        if request.action is not None and request.resource is not None \
+                and request.resource.plural:  # not discovery
             emulator = typing.cast(kmock.KubernetesEmulator, self)
             serve = {
                 enums.action.FETCH: emulator._serve_fetch,
@@ -90,7 +91,7 @@ class _DirectReplies(kmock.RawHandler):
 class ClusterEmulator(kmock.KubernetesEmulator, _DirectReplies):
     """kmock's emulator with the API-server behaviour listed in the module docstring."""
 
-    _revisions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _revisions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -108,12 +109,18 @@ class ClusterEmulator(kmock.KubernetesEmulator, _DirectReplies):
                     subresources=list(version.get("subresources", {})),
                 )
 
-    def _has_status(self, resource: kmock.resource) -> bool:
-        info = self.resources.get(resource) if resource in self.resources else None
-        return info is not None and "status" in info.subresources
+    def _has_status(self, resource: kmock.resource | None) -> bool:
+        if resource is None or resource not in self.resources:
+            return False
+        return "status" in self.resources[resource].subresources
+
+    @staticmethod
+    def _key(request: kmock.Request) -> tuple[kmock.resource, str | None, str]:
+        assert request.resource is not None and request.name is not None
+        return request.resource, request.namespace, request.name
 
     def _current(self, request: kmock.Request) -> dict[str, Any] | None:
-        key = (request.resource, request.namespace, request.name)
+        key = self._key(request)
         if key not in self.objects or self.objects[key].deleted:
             return None
         return self.objects[key].raw
@@ -145,14 +152,14 @@ class ClusterEmulator(kmock.KubernetesEmulator, _DirectReplies):
     async def _create_by_apply(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         """Server-side apply of an absent object creates it (kmock only patches)."""
         self._prepare_create(request, request.data)
-        key = (request.resource, request.namespace, request.name)
+        key = self._key(request)
         async with self._lock:
             if key in self.objects:
                 self.objects[key].create(request.data)
             else:
                 self.objects[key] = request.data
             raw = self.objects[key].raw
-            await self._buses[request.resource].put({"type": "ADDED", "object": raw})
+            await self._buses[key[0]].put({"type": "ADDED", "object": raw})
         return aiohttp.web.json_response(raw, status=201)
 
     def _prepare_create(self, request: kmock.Request, data: dict[str, Any]) -> None:
@@ -183,7 +190,7 @@ class ClusterEmulator(kmock.KubernetesEmulator, _DirectReplies):
             for field in ("uid", "creationTimestamp", "resourceVersion", "generation",
                           "namespace", "name", "managedFields"):
                 meta.pop(field, None)
-        merged = dicts.patch_dict(copy.deepcopy(current), data)
+        merged = dict(dicts.patch_dict(copy.deepcopy(current), data))
         if _comparable(merged) == _comparable(current):
             return True
         new_meta = data.setdefault("metadata", {})
@@ -193,7 +200,7 @@ class ClusterEmulator(kmock.KubernetesEmulator, _DirectReplies):
         return False
 
     async def _serve_list(self, request: kmock.Request) -> dict[str, Any]:
-        answer = dict(await super()._serve_list(request))
+        answer = typing.cast(dict[str, Any], await super()._serve_list(request))
         assert request.resource is not None
         info = self.resources[request.resource]
         group, version = request.resource.group, request.resource.version

@@ -45,6 +45,9 @@ class Memo:
 
     settings: OperatorSettings
     client: kube.Client
+    reconciled: dict[str, tuple[int, str | None]] = dataclasses.field(default_factory=dict)
+    """By pool uid: the (generation, inputs hash) reconcile() last wrote status for, known
+    here before the pool's own watch event brings that status to the ``pools`` index."""
 
 
 def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
@@ -71,24 +74,29 @@ async def pools(body: kopf.Body, memo: Memo, **_: Any) -> dict[tuple[str, str], 
 
 async def _index_child(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
     pool = body.metadata.labels.get(children.POOL_LABEL)
-    if not pool:
+    namespace = body.metadata.namespace
+    if not pool or not namespace:
         return None
-    return {(body.metadata.namespace, pool): dict(body)}
+    return {(namespace, pool): dict(body)}
 
 
 for _group, _version, _plural in CHILD_RESOURCES:
     kopf.index(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_index")(_index_child)
 
 
-def _live_children(namespace: str, pool: str, indexes: Mapping[str, Any]) -> list[dict]:
-    out: list[dict] = []
+Child = dict[str, Any]
+PoolIndex = kopf.Index[tuple[str, str], plan.Plan]
+
+
+def _live_children(namespace: str, pool: str, indexes: Mapping[str, Any]) -> list[Child]:
+    out: list[Child] = []
     for _, _, plural in CHILD_RESOURCES:
         index = indexes[f"{plural}_index"]
         out.extend(index.get((namespace, pool), ()))
     return out
 
 
-def _latest_plan(index: kopf.Index, namespace: str, name: str) -> plan.Plan | None:
+def _latest_plan(index: PoolIndex, namespace: str, name: str) -> plan.Plan | None:
     for p in index.get((namespace, name), ()):
         return p
     return None
@@ -112,8 +120,9 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
-def _write_status(memo: Memo, p: plan.Plan, live: list[dict],
-                  problem: tuple[str, str] | None = None, missing: Iterable[str] = ()) -> None:
+def _status_patch(p: plan.Plan, live: list[Child], problem: tuple[str, str] | None = None,
+                  missing: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The pool's status to apply, or None when it would change nothing (pure, cheap)."""
     new = status.compute(
         pool=p.pool,
         generation=p.generation,
@@ -126,14 +135,23 @@ def _write_status(memo: Memo, p: plan.Plan, live: list[dict],
         previous=p.status.get("conditions", []),
     )
     if status.same(new, p.status):
-        return
-    body = {
+        return None
+    return {
         "apiVersion": api.API_VERSION,
         "kind": api.KIND,
         "metadata": {"name": p.pool.name, "namespace": p.pool.namespace},
         "status": new,
     }
-    memo.client.apply(body, memo.settings.apply.status_field_manager, subresource="status")
+
+
+def _apply_status(memo: Memo, body: dict[str, Any] | None) -> None:
+    if body is not None:
+        memo.client.apply(body, memo.settings.apply.status_field_manager, subresource="status")
+
+
+def _write_status(memo: Memo, p: plan.Plan, live: list[Child],
+                  problem: tuple[str, str] | None = None, missing: Iterable[str] = ()) -> None:
+    _apply_status(memo, _status_patch(p, live, problem, missing))
 
 
 def _missing(p: plan.Plan, live: Iterable[Mapping[str, Any]]) -> list[plan.ChildKey]:
@@ -155,10 +173,10 @@ def _already_reported(p: plan.Plan, reason: str, message: str) -> bool:
     return False
 
 
-def _report_problem(memo: Memo, p: plan.Plan, live: list[dict], reason: str,
+def _report_problem(memo: Memo, p: plan.Plan, live: list[Child], reason: str,
                     message: str, logger: logging.Logger | kopf.Logger) -> None:
     if not _already_reported(p, reason, message):
-        kopf.warn(p.body_ref, reason=reason, message=message)
+        kopf.warn(p.body_ref, reason=reason, message=message)  # type: ignore[arg-type]
         logger.warning(f"{reason}: {message}")
     _write_status(memo, p, live, problem=(reason, message))
 
@@ -190,6 +208,7 @@ def reconcile(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -
             raise kopf.TemporaryError(message, delay=60) from exc
         logger.info(f"applied {len(to_apply)} children (inputs {p.digest})")
     _write_status(memo, p, _live_children(p.pool.namespace, p.pool.name, kwargs))
+    memo.reconciled[p.pool.uid] = (p.generation, p.digest)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
@@ -202,13 +221,14 @@ def cleanup(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -> 
         if _owned_by(obj, meta["uid"]):
             api_version, kind, name = children.key(obj)
             deleted += memo.client.delete(api_version, kind, meta["namespace"], name)
+    memo.reconciled.pop(meta["uid"], None)
     logger.info(f"deleted {deleted} children")
 
 
 # --- children ---------------------------------------------------------------------------
 
 async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
-                         logger: kopf.Logger, pools: kopf.Index, **kwargs: Any) -> None:
+                         logger: kopf.Logger, pools: PoolIndex, **kwargs: Any) -> None:
     """Put back a deleted or edited child; refresh the pool's status on Deployment news.
 
     Async, so that the common case (nothing to do) costs no thread hop; the blocking
@@ -216,7 +236,9 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
     """
     pool_name = body.metadata.labels.get(children.POOL_LABEL)
     namespace = body.metadata.namespace
-    p = _latest_plan(pools, namespace, pool_name) if pool_name and namespace else None
+    if not pool_name or not namespace:
+        return
+    p = _latest_plan(pools, namespace, pool_name)
     if p is None or p.deleting or p.problem is not None or not _owned_by(body, p.pool.uid):
         return
     key = children.key(body)
@@ -225,20 +247,23 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
     if desired is not None and (deleted or not plan.contains(body, desired)):
         what = "deleted" if deleted else "changed by someone else"
         await asyncio.to_thread(memo.client.apply, desired, memo.settings.apply.field_manager)
-        kopf.info(p.body_ref, reason="ChildRestored", message=f"{key[1]} {key[2]} was {what}")
+        kopf.info(p.body_ref,  # type: ignore[arg-type]  # kopf posts from any body-like dict
+                  reason="ChildRestored", message=f"{key[1]} {key[2]} was {what}")
         logger.info(f"restored {key[1]} {key[2]}: it was {what}")
     # Status moves to a new generation only in reconcile(), once every child is applied;
     # until then, a Deployment's news would report the new inputs too early.
-    reconciled = (p.status.get("observedGeneration") == p.generation
-                  and p.status.get("inputsHash") == p.digest)
+    reconciled = (memo.reconciled.get(p.pool.uid) == (p.generation, p.digest)
+                  or (p.status.get("observedGeneration") == p.generation
+                      and p.status.get("inputsHash") == p.digest))
     if key[1] == "Deployment" and reconciled:
-        live = _live_children(namespace, pool_name, kwargs)
-        await asyncio.to_thread(_write_status, memo, p, live)
+        new = _status_patch(p, _live_children(namespace, pool_name, kwargs))
+        if new is not None:  # most Deployment news changes no count: no thread, no write
+            await asyncio.to_thread(_apply_status, memo, new)
 
 
 for _group, _version, _plural in CHILD_RESOURCES:
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_drift")(
-        on_child_event)
+        on_child_event)  # type: ignore[arg-type]  # kopf passes the indexes as kwargs
 
 
 # --- operator lifecycle -----------------------------------------------------------------
@@ -254,11 +279,16 @@ def ensure_peering(client: kube.Client, namespaces: Iterable[str] | None) -> Non
         try:
             client.create(obj)
         except kube.ApiError as exc:
-            if exc.status != 409:  # another replica was faster
+            if exc.status == 404:
+                raise SystemExit(
+                    f"kvpool operator: the {obj['kind']} CRD is missing: install crds/ "
+                    "(kvpool crd --all | kubectl apply -f -) or run with --standalone"
+                ) from exc
+            if exc.status != 409:  # 409: another replica was faster
                 raise
 
 
-@kopf.on.probe(id="pools")
-async def pools_known(pools: kopf.Index, **_: Any) -> int:
+@kopf.on.probe(id="pools")  # type: ignore[arg-type]  # kopf passes the indexes as kwargs
+async def pools_known(pools: PoolIndex, **_: Any) -> int:
     """Liveness detail: how many pools this replica knows."""
     return len(pools)

@@ -56,9 +56,9 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
 def load_config() -> kubernetes.client.ApiClient:
     """An API client from the in-cluster service account, else the kubeconfig."""
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     return kubernetes.client.ApiClient()
 
 
@@ -83,7 +83,7 @@ class Client:
         )
         response = self.api.call_api(m, full_url, header_params=hdrs, body=data,
                                      _request_timeout=self.timeout_s)
-        raw = response.read()
+        raw: bytes = response.read()  # type: ignore[no-untyped-call]
         answer = json.loads(raw) if raw else {}
         if not 200 <= response.status < 300:
             raise ApiError(response.status, answer.get("reason", response.reason or ""),

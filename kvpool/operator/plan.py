@@ -67,7 +67,7 @@ def make(body: Mapping[str, Any], settings: RenderSettings) -> Plan:
 
 @functools.lru_cache(maxsize=4096)
 def _rendered(pool: children.PoolRef, spec_json: str, settings: RenderSettings) -> dict[str, Any]:
-    empty = {"digest": None, "children": {}, "endpoint": None}
+    empty: dict[str, Any] = {"digest": None, "children": {}, "endpoint": None}
     try:
         spec = api.load_spec(json.loads(spec_json))
     except schema.SpecError as exc:
@@ -81,7 +81,7 @@ def _rendered(pool: children.PoolRef, spec_json: str, settings: RenderSettings) 
     return {
         "spec": spec,
         "problem": None,
-        "digest": children.inputs_hash(spec, settings),
+        "digest": objects[0]["metadata"]["annotations"][children.HASH_ANNOTATION],
         "children": {children.key(obj): obj for obj in objects},
         "endpoint": children.router_endpoint(pool, spec, settings),
     }

@@ -23,12 +23,15 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, NewType, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-Quantity = NewType("Quantity", str)
+_QUANTITY = "quantity"
+_EMBEDDED = "embedded"
+
+Quantity = Annotated[int | str, _QUANTITY]
 """A Kubernetes resource quantity (``4``, ``500m``, ``16Gi``): int-or-string in the schema."""
 
-Embedded = NewType("Embedded", dict)
+Embedded = Annotated[dict[str, Any], _EMBEDDED]
 """A Kubernetes sub-object validated by the API server's own types, kept as is here."""
 
 _MISSING = dataclasses.MISSING
@@ -92,8 +95,10 @@ def _copy(value: Any) -> Any:
     return value  # dataclasses here are frozen: sharing them is safe
 
 
+@functools.cache
 def json_name(f: dataclasses.Field[Any]) -> str:
-    """The field's JSON name: explicit, else the Python name in camelCase."""
+    """The field's JSON name: explicit, else the Python name in camelCase (cached: every
+    dump of a spec asks for every field's)."""
     if f.metadata.get("name"):
         return str(f.metadata["name"])
     head, *rest = f.name.split("_")
@@ -102,7 +107,14 @@ def json_name(f: dataclasses.Field[Any]) -> str:
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _marker(tp: Any) -> str | None:
+    """``quantity`` / ``embedded`` for the marker types above, else None."""
+    if typing.get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if m in (_QUANTITY, _EMBEDDED)), None)
+    return None
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -116,9 +128,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _type_schema(tp: Any) -> dict[str, Any]:
     tp, _ = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
-    if tp is Quantity:
+    if _marker(tp) == _QUANTITY:
         return {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
-    if tp is Embedded:
+    if _marker(tp) == _EMBEDDED:
         return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     if tp is bool:
         return {"type": "boolean"}
@@ -136,7 +148,7 @@ def _type_schema(tp: Any) -> dict[str, Any]:
         if key is not str:
             raise TypeError(f"map keys must be str, not {key!r}")
         return {"type": "object", "additionalProperties": _type_schema(value)}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return openapi(tp)
     raise TypeError(f"no OpenAPI mapping for {tp!r}")
 
@@ -192,11 +204,11 @@ def _load_value(tp: Any, raw: Any, path: str) -> Any:
         if optional:
             return None
         raise SpecError(path, "must not be null")
-    if tp is Quantity:
+    if _marker(tp) == _QUANTITY:
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             raise SpecError(path, f"must be an integer or a quantity string, not {raw!r}")
         return raw
-    if tp is Embedded:
+    if _marker(tp) == _EMBEDDED:
         if not isinstance(raw, Mapping):
             raise SpecError(path, "must be an object")
         return _copy(dict(raw))
@@ -218,7 +230,7 @@ def _load_value(tp: Any, raw: Any, path: str) -> Any:
             raise SpecError(path, "must be an object")
         _, value = typing.get_args(tp)
         return {str(k): _load_value(value, v, f"{path}.{k}") for k, v in raw.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return load(tp, raw, path)
     raise TypeError(f"no loader for {tp!r}")
 

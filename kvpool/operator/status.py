@@ -141,11 +141,11 @@ def compute(
             if c in workloads and not workloads[c].rolled_out(out[c]["desired"])
         ]
         if lagging:
-            ready = _condition("Ready", False, NOT_READY, "ready: " + ", ".join(lagging),
-                               generation, prev)
+            ready_cond = _condition("Ready", False, NOT_READY, "ready: " + ", ".join(lagging),
+                                    generation, prev)
         else:
-            ready = _condition("Ready", True, ALL_READY, "every role has its pods ready",
-                               generation, prev)
+            ready_cond = _condition("Ready", True, ALL_READY, "every role has its pods ready",
+                                    generation, prev)
         if missing:
             progressing = _condition("Progressing", True, CREATING,
                                      "creating " + ", ".join(missing), generation, prev)
@@ -156,7 +156,7 @@ def compute(
             progressing = _condition("Progressing", False, COMPLETE,
                                      "children match the spec", generation, prev)
         degraded = _condition("Degraded", False, AS_EXPECTED, "", generation, prev)
-        conditions = [ready, progressing, degraded]
+        conditions = [ready_cond, progressing, degraded]
     out["conditions"] = conditions
     return out
 

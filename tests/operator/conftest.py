@@ -25,8 +25,12 @@ T = TypeVar("T")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def wait_for(probe: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_for(probe: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    Timeouts are generous: the suite shares small CI machines, and a passing probe returns
+    at once whatever the limit.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -74,7 +78,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]
     proc = Process([sys.executable, "-m", "kvpool.operator.emulator", "--kubeconfig", str(config)],
                    tmp / "emulator.log", dict(os.environ))
     try:
-        wait_for(config.exists, 30, "the emulator's kubeconfig")
+        wait_for(config.exists, 120, "the emulator's kubeconfig")
         yield config
     finally:
         proc.stop()
@@ -87,19 +91,28 @@ def client(emulator: pathlib.Path) -> kube.Client:
     return kube.Client(kubernetes.client.ApiClient(configuration), timeout_s=10)
 
 
+def start_operator(kubeconfig: pathlib.Path, log: pathlib.Path, *args: str
+                   ) -> tuple[Process, int]:
+    """Start ``kvpool operator`` against the emulator; return it once it is alive."""
+    port = free_port()
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), KVPOOL_IMAGE="kvpool:test")
+    proc = Process([sys.executable, "-m", "kvpool.cli", "operator",
+                    "--liveness", f"http://127.0.0.1:{port}/healthz", *args], log, env)
+    try:
+        wait_for(lambda: _alive(port), 120, "the operator's liveness endpoint")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
 @pytest.fixture(scope="module")
 def operator(emulator: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[tuple[Process, int]]:
     """The real operator (``kvpool operator``) against the emulator; yields it and its
     liveness port."""
-    tmp = tmp_path_factory.mktemp("operator")
-    port = free_port()
-    env = dict(os.environ, KUBECONFIG=str(emulator), KVPOOL_IMAGE="kvpool:test")
-    proc = Process([sys.executable, "-m", "kvpool.cli", "operator",
-                    "--liveness", f"http://127.0.0.1:{port}/healthz"],
-                   tmp / "operator.log", env)
+    proc, port = start_operator(emulator, tmp_path_factory.mktemp("operator") / "operator.log")
     try:
-        wait_for(lambda: _alive(port), 60, "the operator's liveness endpoint")
         yield proc, port
     finally:
         proc.stop()

@@ -44,7 +44,7 @@ CASES: dict[str, dict[str, Any]] = {
             "maxUnavailable": 0,
         },
         "decode": {"replicas": 4, "gpus": 1},
-        "transfer": {"transport": "nixl", "codec": "cachegen", "level": "2",
+        "transfer": {"transport": "nixl", "codec": "cachegen", "level": "low",
                      "blockSize": 32, "chunkTokens": 512, "failurePolicy": "fail",
                      "timeoutMs": 2000},
         "router": {"replicas": 2, "serviceType": "LoadBalancer", "port": 80},
@@ -99,7 +99,8 @@ def test_roles_get_connector_roles_gpus_and_shared_socket() -> None:
         assert sidecar["command"] == ["kvpool", "sidecar"]
         socket_dir = {m["mountPath"] for m in vllm["volumeMounts"]} & {
             m["mountPath"] for m in sidecar["volumeMounts"]}
-        assert config["kv_connector_extra_config"]["socket"].startswith(socket_dir.pop())
+        assert config["kv_connector_extra_config"]["sidecar"].startswith(
+            f"unix://{socket_dir.pop()}/")
         assert "--block-size" in vllm["args"] and "32" in vllm["args"]
     prefill_vllm = objs["Deployment", "demo-prefill"]["spec"]["template"]["spec"]["containers"][0]
     assert prefill_vllm["resources"]["limits"]["nvidia.com/gpu"] == 2
@@ -134,7 +135,7 @@ def test_config_change_rolls_the_pods() -> None:
     annotation = children.CONFIG_HASH_ANNOTATION
     assert (base[key]["spec"]["template"]["metadata"]["annotations"][annotation]
             != changed[key]["spec"]["template"]["metadata"]["annotations"][annotation])
-    assert changed["ConfigMap", "demo-transfer"]["data"]["KVPOOL_CODEC"] == "raw"
+    assert changed["ConfigMap", "demo-transfer"]["data"]["KVPOOL_LEVEL"] == "raw"
 
 
 def test_contains_ignores_what_the_api_server_adds() -> None:

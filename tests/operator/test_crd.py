@@ -75,3 +75,42 @@ def test_defaults_match_between_schema_and_loader() -> None:
     loaded = api.load_spec({"model": {"name": "m"}, "image": "img"})
     assert transfer["chunkTokens"]["default"] == loaded.transfer.chunk_tokens
     assert transfer["transport"]["enum"] == ["grpc", "nixl"]
+
+
+def _schema_at(root: dict, dotted: str) -> dict:
+    node = root
+    for part in dotted.strip(".").split("."):
+        node = node["properties"][part]
+    return node
+
+
+def test_scale_subresource_paths_exist_in_the_schema() -> None:
+    """HPA and `kubectl scale` reach decode through these paths: they must be real fields."""
+    version = crd.kvcachepool_crd()["spec"]["versions"][0]
+    root = version["schema"]["openAPIV3Schema"]
+    scale = version["subresources"]["scale"]
+    assert _schema_at(root, scale["specReplicasPath"])["type"] == "integer"
+    assert _schema_at(root, scale["statusReplicasPath"])["type"] == "integer"
+    assert _schema_at(root, scale["labelSelectorPath"])["type"] == "string"
+    for column in version["additionalPrinterColumns"]:
+        path = column["jsonPath"].split("[")[0]
+        if path.startswith((".spec", ".status")):
+            _schema_at(root, path)
+
+
+def test_rbac_rules_cover_every_child_kind() -> None:
+    from kvpool.operator import children, rbac
+    from kvpool.operator.settings import RenderSettings
+
+    spec = api.load_spec({"model": {"name": "m"}, "image": "img"})
+    objects = children.render(children.PoolRef("p", "ns", "uid"), spec, RenderSettings())
+    granted = {(group, resource): set(rule["verbs"]) for rule in rbac.rules()
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    plurals = {"ConfigMap": "configmaps", "Service": "services", "Deployment": "deployments",
+               "PodDisruptionBudget": "poddisruptionbudgets"}
+    for obj in objects:
+        group = obj["apiVersion"].rpartition("/")[0]
+        verbs = granted[group, plurals[obj["kind"]]]
+        assert {"get", "list", "watch", "patch", "delete"} <= verbs, obj["kind"]
+    assert "patch" in granted["kvpool.dev", "kvcachepools/status"]
+    assert "create" in granted["", "events"]

@@ -163,6 +163,22 @@ def test_deleted_and_edited_children_are_put_back(client: kube.Client) -> None:
     assert fixed["metadata"]["ownerReferences"][0]["name"] == "charlie"
 
 
+def test_autoscaled_role_keeps_the_replicas_an_hpa_sets(client: kube.Client) -> None:
+    client.create(manifest("hotel", prefill={"autoscaled": True}))
+    wait_for(lambda: settled(client, "hotel", 1), what="hotel created")
+    prefill = client.get("apps/v1", "Deployment", NS, "hotel-prefill")
+    assert "replicas" not in prefill["spec"]
+
+    # What an HPA does through the Deployment's scale subresource.
+    client.request("PATCH", kube.path("apps/v1", "Deployment", NS, "hotel-prefill"),
+                   body={"spec": {"replicas": 3}}, content_type=MERGE)
+    pool = wait_for(lambda: (p := get_pool(client, "hotel"))
+                    and p["status"]["prefill"]["desired"] == 3 and p,
+                    what="status following the HPA's choice")
+    assert pool["status"]["prefill"]["readiness"] == "0/3"
+    assert client.get("apps/v1", "Deployment", NS, "hotel-prefill")["spec"]["replicas"] == 3
+
+
 def events_for(client: kube.Client, name: str) -> list[dict[str, Any]]:
     listing = client.request("GET", kube.path("v1", "Event", NS))
     return [e for e in listing["items"] if e.get("involvedObject", {}).get("name") == name]

@@ -72,7 +72,7 @@ CEL_BAD = {
                     "transport nixl needs a GPU"),
     "chunk-not-multiple": (with_("minimal", transfer__chunkTokens=100),
                            "chunkTokens must be a multiple of blockSize"),
-    "raw-with-level": (with_("minimal", transfer__codec="raw", transfer__level="3"),
+    "raw-with-level": (with_("minimal", transfer__codec="raw", transfer__level="low"),
                        "cachegen codec only"),
     "raw-lossless": (with_("minimal", transfer__codec="raw", transfer__lossless=True),
                      "cachegen codec only"),
@@ -113,7 +113,7 @@ def test_every_cel_rule_can_fail() -> None:
 SCHEMA_BAD = {
     "unknown-transport": (with_("minimal", transfer__transport="rdma"), "spec.transfer.transport"),
     "negative-replicas": (with_("minimal", prefill__replicas=-1), "spec.prefill.replicas"),
-    "level-word": (with_("minimal", transfer__level="fast"), "spec.transfer.level"),
+    "level-number": (with_("minimal", transfer__level="2"), "spec.transfer.level"),
     "tiny-chunks": (with_("minimal", transfer__chunkTokens=8), "spec.transfer.chunkTokens"),
     "replicas-string": (with_("minimal", decode__replicas="3"), "spec.decode.replicas"),
     "unknown-field": (with_("minimal", decode__replica=3), "spec.decode"),
