@@ -19,6 +19,7 @@ are async, so that the thousands of events that change nothing cost no thread ho
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,10 @@ class Memo:
     reconciled: dict[str, tuple[int, str | None]] = dataclasses.field(default_factory=dict)
     """By pool uid: the (generation, inputs hash) reconcile() last wrote status for, known
     here before the pool's own watch event brings that status to the ``pools`` index."""
+    status_locks: dict[str, asyncio.Lock] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(asyncio.Lock))
+    """By pool uid: one status write at a time from Deployment news, so that two writes
+    computed from different moments cannot land in the wrong order."""
 
 
 def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
@@ -207,8 +212,10 @@ def reconcile(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -
             # (RBAC, quota, a foreign object holding the name).
             raise kopf.TemporaryError(message, delay=60) from exc
         logger.info(f"applied {len(to_apply)} children (inputs {p.digest})")
-    _write_status(memo, p, _live_children(p.pool.namespace, p.pool.name, kwargs))
+    # Known as reconciled before the status goes out: Deployment news arriving meanwhile
+    # then refreshes the status itself instead of being dropped.
     memo.reconciled[p.pool.uid] = (p.generation, p.digest)
+    _write_status(memo, p, _live_children(p.pool.namespace, p.pool.name, kwargs))
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
@@ -222,6 +229,7 @@ def cleanup(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -> 
             api_version, kind, name = children.key(obj)
             deleted += memo.client.delete(api_version, kind, meta["namespace"], name)
     memo.reconciled.pop(meta["uid"], None)
+    memo.status_locks.pop(meta["uid"], None)
     logger.info(f"deleted {deleted} children")
 
 
@@ -256,9 +264,12 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
                   or (p.status.get("observedGeneration") == p.generation
                       and p.status.get("inputsHash") == p.digest))
     if key[1] == "Deployment" and reconciled:
-        new = _status_patch(p, _live_children(namespace, pool_name, kwargs))
-        if new is not None:  # most Deployment news changes no count: no thread, no write
-            await asyncio.to_thread(_apply_status, memo, new)
+        async with memo.status_locks[p.pool.uid]:
+            # Computed under the lock from the indexes as they are now: the news of two
+            # Deployments written out of order would leave the older counts in status.
+            new = _status_patch(p, _live_children(namespace, pool_name, kwargs))
+            if new is not None:  # most Deployment news changes no count: no write
+                await asyncio.to_thread(_apply_status, memo, new)
 
 
 for _group, _version, _plural in CHILD_RESOURCES:
