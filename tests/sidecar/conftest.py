@@ -186,7 +186,7 @@ def model_path() -> Path:
     try:
         return models.model_dir()
     except models.ModelNotFound as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"{exc} (make install puts it in place)")
 
 
 @pytest.fixture(scope="session")
