@@ -50,7 +50,8 @@ inline uint8_t dtype_of(const nb::dlpack::dtype& d) {
 
 inline Header make_header(uint8_t dtype, bool lossless, const std::string& level,
                           uint16_t block_tokens, uint16_t group_channels, uint16_t anchor_group,
-                          uint16_t table_group, const std::vector<LayerTuple>& layers,
+                          uint16_t table_group, uint8_t exact_rows,
+                          const std::vector<LayerTuple>& layers,
                           const std::optional<nb::bytes>& profile_hash) {
     Header h;
     h.mode = lossless ? kModeLossless : kModeQuantized;
@@ -59,6 +60,7 @@ inline Header make_header(uint8_t dtype, bool lossless, const std::string& level
     h.group_channels = group_channels;
     h.anchor_group = anchor_group;
     h.table_group = table_group;
+    h.exact_rows = exact_rows;
     if (level.size() > kMaxLevelName) throw Error(kBadInput, "level name too long");
     h.level = level;
     if (profile_hash) {
@@ -109,6 +111,7 @@ inline nb::dict header_dict(const Header& h) {
     d["group_channels"] = h.group_channels;
     d["anchor_group"] = h.anchor_group;
     d["table_group"] = h.table_group;
+    d["exact_rows"] = h.exact_rows;
     nb::list layers;
     for (const LayerInfo& l : h.layers)
         layers.append(nb::make_tuple(l.tokens, l.width, l.bins[0], l.bins[1], l.anchor_bins[0],

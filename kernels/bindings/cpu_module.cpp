@@ -26,12 +26,13 @@ uint8_t common_dtype(const std::vector<Plane>& planes, const std::vector<LayerTu
 
 nb::bytes encode(const std::vector<Plane>& planes, bool lossless, const std::string& level,
                  uint16_t block_tokens, uint16_t group_channels, uint16_t anchor_group,
-                 uint16_t table_group, const std::vector<LayerTuple>& layers,
+                 uint16_t table_group, uint8_t exact_rows,
+                 const std::vector<LayerTuple>& layers,
                  const std::optional<nb::bytes>& profile_hash,
                  const std::optional<std::vector<ProfileTuple>>& profile, int threads) {
     uint8_t dtype = common_dtype(planes, layers);
     Header h = make_header(dtype, lossless, level, block_tokens, group_channels, anchor_group,
-                           table_group, layers, profile_hash);
+                           table_group, exact_rows, layers, profile_hash);
     if (profile_hash.has_value() != profile.has_value())
         throw Error(kBadInput, "profile hash and tables go together");
     std::vector<const void*> inputs;
@@ -110,7 +111,8 @@ NB_MODULE(_codec, m) {
     register_codec_error(m);
     m.def("encode", &encode, nb::arg("planes"), nb::arg("lossless"), nb::arg("level"),
           nb::arg("block_tokens"), nb::arg("group_channels"), nb::arg("anchor_group"),
-          nb::arg("table_group"), nb::arg("layers"), nb::arg("profile_hash").none(),
+          nb::arg("table_group"), nb::arg("exact_rows"), nb::arg("layers"),
+          nb::arg("profile_hash").none(),
           nb::arg("profile").none(), nb::arg("threads"),
           "Encode planes (layer-major, keys first) into a frame with a zero checksum.");
     m.def("parse", &parse, nb::arg("data"), "Parse and validate a frame header.");

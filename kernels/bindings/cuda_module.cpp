@@ -16,7 +16,8 @@ void require_device() {
 
 nb::bytes encode(const std::vector<CudaPlane>& planes, bool lossless, const std::string& level,
                  uint16_t block_tokens, uint16_t group_channels, uint16_t anchor_group,
-                 uint16_t table_group, const std::vector<LayerTuple>& layers,
+                 uint16_t table_group, uint8_t exact_rows,
+                 const std::vector<LayerTuple>& layers,
                  const std::optional<nb::bytes>& profile_hash,
                  const std::optional<std::vector<ProfileTuple>>& profile) {
     require_device();
@@ -31,7 +32,7 @@ nb::bytes encode(const std::vector<CudaPlane>& planes, bool lossless, const std:
         inputs.push_back(planes[p].data());
     }
     Header h = make_header(dtype, lossless, level, block_tokens, group_channels, anchor_group,
-                           table_group, layers, profile_hash);
+                           table_group, exact_rows, layers, profile_hash);
     if (profile_hash.has_value() != profile.has_value())
         throw Error(kBadInput, "profile hash and tables go together");
     ProfileData prof = profile ? profile_data(*profile) : ProfileData{};
@@ -69,7 +70,8 @@ NB_MODULE(_codec_cuda, m) {
     m.def("device_count", &cuda_device_count, "CUDA devices usable here (0 without any).");
     m.def("encode", &encode, nb::arg("planes"), nb::arg("lossless"), nb::arg("level"),
           nb::arg("block_tokens"), nb::arg("group_channels"), nb::arg("anchor_group"),
-          nb::arg("table_group"), nb::arg("layers"), nb::arg("profile_hash").none(),
+          nb::arg("table_group"), nb::arg("exact_rows"), nb::arg("layers"),
+          nb::arg("profile_hash").none(),
           nb::arg("profile").none(),
           "Encode device planes into a frame with a zero checksum (same bytes as the CPU).");
     m.def("decode", &decode, nb::arg("data"), nb::arg("outputs"), nb::arg("profile").none(),

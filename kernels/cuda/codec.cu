@@ -140,6 +140,12 @@ std::vector<uint8_t> encode_cuda(const Header& header, const std::vector<const v
     const FrameParams& f = plan.params;
     uint32_t planes = h.planes();
     std::vector<PlanePart> parts(planes);
+    for (uint32_t p = 0; p < planes; ++p) {
+        parts[p].exact.resize(h.exact_bytes(p));
+        if (!parts[p].exact.empty())
+            cuda_check(cudaMemcpy(parts[p].exact.data(), inputs[p], parts[p].exact.size(),
+                                  cudaMemcpyDeviceToHost), "exact rows");
+    }
     DeviceArray<PlaneDesc> d_planes(plan.planes.data(), plan.planes.size());
     DeviceArray<int32_t> status(1);
     status.zero();
@@ -238,6 +244,11 @@ void decode_cuda(const uint8_t* data, uint64_t size, const ProfileData* profile,
                  const std::vector<void*>& outputs) {
     Plan plan = plan_decode(data, size, profile);
     if (outputs.size() != plan.planes.size()) throw Error(kBadInput, "one output per plane");
+    for (uint32_t p = 0; p < outputs.size(); ++p)
+        if (plan.header.exact_bytes(p))
+            cuda_check(cudaMemcpy(outputs[p], data + plan.exact_at[p], plan.header.exact_bytes(p),
+                                  cudaMemcpyHostToDevice), "exact rows");
+    std::vector<void*> coded = coded_outputs(plan, outputs);
     uint64_t n = plan.streams.size();
     if (!n) return;
     DeviceArray<uint8_t> d_data(data, size);
@@ -245,7 +256,7 @@ void decode_cuda(const uint8_t* data, uint64_t size, const ProfileData* profile,
     DeviceArray<StreamRef> d_streams(plan.streams.data(), n);
     DeviceArray<float> d_floats(plan.floats.data(), plan.floats.size());
     DeviceArray<uint32_t> d_cum(plan.cum.data(), plan.cum.size());
-    DeviceArray<void*> d_outs(outputs.data(), outputs.size());
+    DeviceArray<void*> d_outs(coded.data(), coded.size());
     DeviceArray<int32_t> status(1);
     status.zero();
     decode_kernel<<<blocks_for(n), kThreads>>>(plan.params, d_planes.ptr, d_streams.ptr, n,

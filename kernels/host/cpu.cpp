@@ -1,6 +1,8 @@
 // The CPU path: stats, row scales, tables, then streams, each stage parallel over threads.
 #include "cpu.h"
 
+#include <cstring>
+
 #include "parallel.h"
 
 namespace kvp {
@@ -29,6 +31,7 @@ std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const vo
     const FrameParams& f = plan.params;
     uint32_t planes = h.planes();
     std::vector<PlanePart> parts(planes);
+    for (uint32_t p = 0; p < planes; ++p) parts[p].exact = host_exact_rows(plan, p, inputs[p]);
     float* floats = plan.floats.data();
 
     if (!h.lossless()) {
@@ -95,10 +98,13 @@ void decode_cpu(const uint8_t* data, uint64_t size, const ProfileData* profile,
                 const std::vector<void*>& outputs, int threads) {
     Plan plan = plan_decode(data, size, profile);
     if (outputs.size() != plan.planes.size()) throw Error(kBadInput, "one output per plane");
+    for (uint32_t p = 0; p < outputs.size(); ++p)
+        memcpy(outputs[p], data + plan.exact_at[p], plan.header.exact_bytes(p));
+    std::vector<void*> coded = coded_outputs(plan, outputs);
     parallel_for(plan.streams.size(), threads, "stream", [&](uint64_t i) {
         const StreamRef& s = plan.streams[i];
         return decode_stream_at(plan.params, plan.planes[s.plane], s, plan.floats.data(),
-                                plan.cum.data(), data, outputs[s.plane]);
+                                plan.cum.data(), data, coded[s.plane]);
     });
 }
 

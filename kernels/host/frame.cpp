@@ -24,7 +24,8 @@ SectionLayout section_layout(const Header& h, uint32_t p) {
         if (h.anchor_group > 1) per_table += 2ull * l.bins[p % 2];
         s.tables = per_table * h.n_tables(p);
     }
-    s.scales = 2ull * l.tokens;
+    s.exact = h.exact_bytes(p);
+    s.scales = 2ull * h.coded_tokens(p);
     return s;
 }
 
@@ -45,6 +46,7 @@ int32_t validate(const Header& h) {
     KVP_CHECK(h.table_group >= 1, kCorrupt);
     if (h.lossless()) {
         KVP_CHECK(!h.has_profile() && h.anchor_group == 1 && h.table_group == 1, kCorrupt);
+        KVP_CHECK(h.exact_rows == 0, kCorrupt);
     } else if (h.has_profile()) {
         KVP_CHECK(h.table_group == 1, kCorrupt);
     }
@@ -94,7 +96,7 @@ int32_t parse(const uint8_t* data, uint64_t size, Header& h) {
     h.anchor_group = rd16(f + 14);
     h.table_group = rd16(f + 16);
     uint8_t name_len = f[18];
-    KVP_CHECK(f[19] == 0, kCorrupt);
+    h.exact_rows = f[19];
     KVP_CHECK(name_len <= kMaxLevelName, kCorrupt);
     memcpy(h.profile_hash, f + 20, 16);
     KVP_TRY(r.take(name_len, &f));
@@ -158,6 +160,7 @@ std::vector<uint8_t> write_frame(Header h, const std::vector<PlanePart>& parts) 
     wr16(w + 14, h.anchor_group);
     wr16(w + 16, h.table_group);
     w[18] = (uint8_t)h.level.size();
+    w[19] = h.exact_rows;
     memcpy(w + 20, h.profile_hash, 16);
     w += kFixedHeader;
     memcpy(w, h.level.data(), h.level.size());
@@ -177,6 +180,9 @@ std::vector<uint8_t> write_frame(Header h, const std::vector<PlanePart>& parts) 
     };
     for (uint32_t p = 0; p < h.planes(); ++p) {
         const PlanePart& part = parts[p];
+        if (part.exact.size() != h.exact_bytes(p)) throw Error(kBadInput, "exact rows");
+        memcpy(w, part.exact.data(), part.exact.size());
+        w += part.exact.size();
         put16(part.mu);
         put16(part.sigma);
         put16(part.freqs);

@@ -42,6 +42,7 @@ struct LayerInfo {
 
 struct Header {
     uint8_t mode = 0, dtype = 0, flags = 0;
+    uint8_t exact_rows = 0;  // leading rows of every plane stored verbatim (lossy mode)
     uint16_t block_tokens = 0, group_channels = 0, anchor_group = 1, table_group = 1;
     std::string level;
     uint8_t profile_hash[16] = {};
@@ -54,9 +55,17 @@ struct Header {
     bool has_profile() const { return flags & kFlagProfile; }
     uint32_t planes() const { return (uint32_t)layers.size() * 2; }
     const LayerInfo& layer_of(uint32_t p) const { return layers[p / 2]; }
+    // Rows of plane p stored verbatim, and rows quantized and coded in streams.
+    uint32_t exact(uint32_t p) const {
+        return exact_rows < layer_of(p).tokens ? exact_rows : layer_of(p).tokens;
+    }
+    uint32_t coded_tokens(uint32_t p) const { return layer_of(p).tokens - exact(p); }
+    uint64_t exact_bytes(uint32_t p) const {
+        return (uint64_t)exact(p) * layer_of(p).width * dtype_size(dtype);
+    }
     StreamGeom geom(uint32_t p) const {
         const LayerInfo& l = layer_of(p);
-        return StreamGeom{l.tokens, l.width, block_tokens, group_channels};
+        return StreamGeom{coded_tokens(p), l.width, block_tokens, group_channels};
     }
     int32_t half_anchor(uint32_t p) const { return layer_of(p).anchor_bins[p % 2] / 2; }
     int32_t half_delta(uint32_t p) const { return layer_of(p).bins[p % 2] / 2; }
@@ -65,9 +74,9 @@ struct Header {
 
 // Sizes of the parts of one plane's section, in the order they appear.
 struct SectionLayout {
-    uint64_t stats = 0, tables = 0, scales = 0, sizes = 0;  // bytes of each fixed part
-    uint64_t streams = 0;                                   // number of streams
-    uint64_t fixed() const { return stats + tables + scales + sizes; }
+    uint64_t exact = 0, stats = 0, tables = 0, scales = 0, sizes = 0;  // bytes of each part
+    uint64_t streams = 0;                                              // number of streams
+    uint64_t fixed() const { return exact + stats + tables + scales + sizes; }
 };
 
 SectionLayout section_layout(const Header& h, uint32_t plane);
@@ -81,6 +90,7 @@ Header parse_header(const uint8_t* data, uint64_t size);
 
 // Everything an encoder computed for one plane, ready to be written.
 struct PlanePart {
+    std::vector<uint8_t> exact;           // the plane's exact rows as stored
     std::vector<uint16_t> mu, sigma;      // bf16 bits (no profile)
     std::vector<uint16_t> freqs;          // tables as written (no profile / lossless)
     std::vector<uint16_t> scales;         // bf16 bits per token

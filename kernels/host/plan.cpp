@@ -26,7 +26,7 @@ static Plan layout(const Header& h) {
     for (uint32_t p = 0; p < h.planes(); ++p) {
         const LayerInfo& l = h.layer_of(p);
         PlaneDesc d{};
-        d.tokens = l.tokens;
+        d.tokens = h.coded_tokens(p);
         d.width = l.width;
         if (h.lossless()) {
             d.anchor_cum = nc;
@@ -37,7 +37,7 @@ static Plan layout(const Header& h) {
             d.mu = nf;
             d.sigma = nf + l.width;
             d.scale = nf + 2ull * l.width;
-            nf += 2ull * l.width + l.tokens;
+            nf += 2ull * l.width + d.tokens;
             d.anchor_cum = nc;
             nc += (uint64_t)h.n_tables(p) * (2 * d.ha + 2);
             d.delta_cum = nc;
@@ -131,7 +131,8 @@ static int32_t sections_into(Plan& plan, const uint8_t* data, const ProfileData*
     for (uint32_t p = 0; p < h.planes(); ++p) {
         SectionLayout s = section_layout(h, p);
         const PlaneDesc& d = plan.planes[p];
-        const uint8_t* sec = data + off;
+        plan.exact_at.push_back(off);
+        const uint8_t* sec = data + off + s.exact;
         uint64_t size = h.section_size[p];  // >= s.fixed() + 8 * streams (parse_header)
         if (!h.lossless() && !h.has_profile())
             KVP_TRY(stats_from(plan, p, sec, sec + 2ull * d.width, kCorrupt));
@@ -171,7 +172,7 @@ Plan plan_encode(const Header& h, const std::vector<const void*>& inputs) {
     uint32_t per_elem = h.lossless() ? dtype_size(h.dtype) : 1;
     uint64_t off = 0;
     for (uint32_t p = 0; p < h.planes(); ++p) {
-        plan.planes[p].x = inputs[p];
+        plan.planes[p].x = (const uint8_t*)inputs[p] + h.exact_bytes(p);
         StreamGeom g = h.geom(p);
         uint64_t n = stream_count(g);
         for (uint64_t i = 0; i < n; ++i) {
@@ -185,6 +186,18 @@ Plan plan_encode(const Header& h, const std::vector<const void*>& inputs) {
 
 uint64_t scratch_bytes(const Plan& plan) {
     return plan.streams.empty() ? 0 : plan.streams.back().offset + plan.streams.back().size;
+}
+
+std::vector<void*> coded_outputs(const Plan& plan, const std::vector<void*>& outputs) {
+    std::vector<void*> out(outputs.size());
+    for (uint32_t p = 0; p < outputs.size(); ++p)
+        out[p] = (uint8_t*)outputs[p] + plan.header.exact_bytes(p);
+    return out;
+}
+
+std::vector<uint8_t> host_exact_rows(const Plan& plan, uint32_t p, const void* input) {
+    const uint8_t* x = (const uint8_t*)input;
+    return std::vector<uint8_t>(x, x + plan.header.exact_bytes(p));
 }
 
 static std::vector<uint16_t> normalized(const std::vector<uint64_t>& counts, uint32_t n) {

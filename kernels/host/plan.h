@@ -28,6 +28,7 @@ struct Plan {
     std::vector<StreamRef> streams;
     std::vector<float> floats;
     std::vector<uint32_t> cum;
+    std::vector<uint64_t> exact_at;  // decoding: frame offset of each plane's exact rows
 };
 
 FrameParams frame_params(const Header& h);
@@ -56,5 +57,11 @@ std::vector<uint16_t> lossless_tables(const Plan& plan, uint32_t p);
 
 // Size of the scratch buffer holding every stream at its worst case.
 uint64_t scratch_bytes(const Plan& plan);
+
+// Where the coded rows of each plane start in `outputs` (after its exact rows).
+std::vector<void*> coded_outputs(const Plan& plan, const std::vector<void*>& outputs);
+
+// A plane's exact rows as the encoder read them from a host input.
+std::vector<uint8_t> host_exact_rows(const Plan& plan, uint32_t p, const void* input);
 
 }  // namespace kvp

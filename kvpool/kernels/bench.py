@@ -178,10 +178,12 @@ class Bench:
         parts = split(self.real.kv, chunk)
         threads, repeat = self.args.threads, self.args.repeat
         enc_s, blobs = _best_of(
-            repeat, lambda: [encode(p, level, profile, threads=threads) for p in parts]
+            repeat,
+            lambda: [encode(p, level, profile, threads=threads, position=i * chunk)
+                     for i, p in enumerate(parts)],
         )
         dec_s, out = _best_of(repeat, lambda: [decode(b, profile, threads=threads) for b in blobs])
-        gpu = self._gpu_timing(parts, level, profile) if self.cuda else None
+        gpu = self._gpu_timing(parts, chunk, level, profile) if self.cuda else None
         return self._row(
             chunk,
             level,
@@ -192,12 +194,14 @@ class Bench:
             gpu,
         )
 
-    def _gpu_timing(self, parts: list[KVCache], level: str, profile: Profile | None) -> Timing:
+    def _gpu_timing(
+        self, parts: list[KVCache], chunk: int, level: str, profile: Profile | None
+    ) -> Timing:
         on_gpu = [KVCache([k.cuda() for k in p.keys], [v.cuda() for v in p.values]) for p in parts]
         repeat = self.args.repeat
 
         def enc() -> list[bytes]:
-            return [encode(p, level, profile) for p in on_gpu]
+            return [encode(p, level, profile, position=i * chunk) for i, p in enumerate(on_gpu)]
 
         blobs = enc()
 

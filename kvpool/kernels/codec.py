@@ -50,6 +50,8 @@ class ChunkInfo:
     bins: list[tuple[int, int, int, int]]
     """Per layer: key bins, value bins, key anchor bins, value anchor bins (0 = unused)."""
     profile_hash: str | None
+    exact_rows: int
+    """Leading rows of every layer stored verbatim (the sequence's first tokens)."""
     raw_bytes: int
     """Size of the decoded keys and values in the chunk's dtype."""
     encoded_bytes: int
@@ -132,6 +134,7 @@ def encode(
     *,
     threads: int | None = None,
     depth: tuple[int, int] | None = None,
+    position: int = 0,
 ) -> bytes:
     """One chunk -> one self-delimiting bitstream v1 frame (docs/bitstream.md).
 
@@ -139,6 +142,8 @@ def encode(
     of a model of ``count`` layers, for the level's bins-over-depth schedule (a chunk of one
     layer of a model, as the sidecar sends them); by default the chunk holds every layer of
     the model. The bins land in the header, so decoding needs no such argument.
+    ``position`` is the sequence position of the chunk's first token: the rows of the
+    sequence's first ``sink_tokens`` tokens (the level's) are stored exact.
 
     Releases the GIL. With a profile (lossy levels), the frame names the profile's hash and
     carries no tables or channel statistics; without one it carries its own. ``lossless``
@@ -146,6 +151,8 @@ def encode(
     encoded on their GPU; the frame is byte-identical to the CPU's.
     """
     lv = levels.get(level)
+    if position < 0:
+        raise CodecError(f"position must be >= 0, not {position}")
     planes = _planes(kv)
     n = len(planes) // 2
     first, count = (0, n) if depth is None else depth
@@ -163,6 +170,7 @@ def encode(
         "group_channels": levels.GROUP_CHANNELS,
         "anchor_group": lv.anchor_group,
         "table_group": group,
+        "exact_rows": max(0, lv.sink_tokens - position),
         "layers": layers,
         "profile_hash": profile.hash_bytes if use_profile else None,
         "profile": tables,
@@ -201,6 +209,7 @@ def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
         layers=[(t, w) for t, w, *_ in h["layers"]],
         bins=[tuple(b) for *_, b0, b1, b2, b3 in h["layers"] for b in [(b0, b1, b2, b3)]],
         profile_hash=None if h["profile_hash"] == zero else h["profile_hash"].hex(),
+        exact_rows=h["exact_rows"],
         raw_bytes=sum(2 * t * w * elem for t, w, *_ in h["layers"]),
         encoded_bytes=h["frame_size"],
     )

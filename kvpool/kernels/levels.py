@@ -47,6 +47,10 @@ class Level:
     """Bins of the keys' non-anchor rows (only when ``anchor_group > 1``)."""
     value_delta_bins: Schedule = ()
     """Bins of the values' non-anchor rows (only when ``anchor_group > 1``)."""
+    sink_tokens: int = 0
+    """The first tokens of a sequence are kept exact (stored verbatim, not quantized): the
+    model's attention sinks, which most heads attend to heavily, so that their errors weigh on
+    every later token (at most 255)."""
 
     def layer_bins(self, layer: int, n_layers: int) -> tuple[int, int, int, int]:
         """``(key bins, value bins, key anchor bins, value anchor bins)`` of one layer in the
@@ -77,50 +81,26 @@ def _pick(schedule: Schedule, depth: float) -> int:
 
 
 # Measured with ``kvpool bench codec`` on SmolLM2-135M (2048 tokens of pydoc text, profile
-# from other text; ratio with the profile; KL = mean KL divergence of the next-token
-# distributions over 256 positions, the steady quality figure). Groups of 16 tokens whose
-# rows are coded as differences to a finely quantized anchor row beat rows coded on their
-# own: at ratio 5.0 KL 0.032 (perplexity +0.7 %) against KL 0.13 (+11 %) at ratio 4.6 with
-# keys and values at 31/15 bins and every row on its own. Keys lose more than values for the
-# same bins; the anchor rows (1 in 16) buy quality cheaply with more bins.
-#   high     anchors 127/63, differences keys 31, values 15           ratio 4.0, KL 0.010
-#   default  anchors 63/31, differences keys 15, values 11             ratio 5.0, KL 0.032
-#   low      anchors 31/15, differences 15/11 and 11/7 by depth        ratio 6.0, KL 0.13
-#   lowest   anchors 15/11, differences 11/7 and 7/5 by depth          ratio 7.9
+# from other text; KL = mean KL divergence of the next-token distributions over 256
+# positions, the steady quality figure; "near ties" = free-running greedy tokens kept on 8
+# prompts whose greedy steps are often near ties, 16 tokens each, one layer per frame as
+# the sidecar codes them). Two findings shape the table:
+# - The sequence's first tokens (attention sinks) must stay exact: at 31/15 bins, rows on
+#   their own, KL 0.038 with the sinks quantized against 0.006 with four sinks exact.
+# - With exact sinks, every row on its own beats rows coded as differences to a 16-token
+#   anchor row (post-RoPE keys of neighbouring tokens differ in their fast-rotating
+#   channels): at ratio 5.0, KL 0.021 and 75/128 near-tie tokens against 0.036 and 45/128.
+#   high     keys 63, values 31 bins                    ratio 3.2, KL 0.001
+#   default  keys 31, values 15                         ratio 4.0, KL 0.005, ppl +0.6 %
+#   low      keys 15, values 11                         ratio 5.0, KL 0.021, ppl +2 to +5 %
+#   lowest   keys 9, values 7                           ratio 6.3
+SINKS = 4
 LEVEL_TABLE: tuple[Level, ...] = (
     Level("lossless", lossless=True),
-    Level(
-        "high",
-        anchor_group=16,
-        key_bins=((1.0, 127),),
-        value_bins=((1.0, 63),),
-        key_delta_bins=((1.0, 31),),
-        value_delta_bins=((1.0, 15),),
-    ),
-    Level(
-        "default",
-        anchor_group=16,
-        key_bins=((1.0, 63),),
-        value_bins=((1.0, 31),),
-        key_delta_bins=((1.0, 15),),
-        value_delta_bins=((1.0, 11),),
-    ),
-    Level(
-        "low",
-        anchor_group=16,
-        key_bins=((1.0, 31),),
-        value_bins=((1.0, 15),),
-        key_delta_bins=((0.15, 15), (1.0, 11)),
-        value_delta_bins=((0.15, 11), (1.0, 7)),
-    ),
-    Level(
-        "lowest",
-        anchor_group=16,
-        key_bins=((1.0, 15),),
-        value_bins=((1.0, 11),),
-        key_delta_bins=((0.15, 11), (1.0, 7)),
-        value_delta_bins=((0.15, 7), (1.0, 5)),
-    ),
+    Level("high", key_bins=((1.0, 63),), value_bins=((1.0, 31),), sink_tokens=SINKS),
+    Level("default", key_bins=((1.0, 31),), value_bins=((1.0, 15),), sink_tokens=SINKS),
+    Level("low", key_bins=((1.0, 15),), value_bins=((1.0, 11),), sink_tokens=SINKS),
+    Level("lowest", key_bins=((1.0, 9),), value_bins=((1.0, 7),), sink_tokens=SINKS),
 )
 """Every level, best quality first."""
 
@@ -136,6 +116,8 @@ def get(name: str) -> Level:
 
 
 def _check(level: Level) -> None:
+    if not 0 <= level.sink_tokens <= 255 or (level.lossless and level.sink_tokens):
+        raise ValueError(f"level {level.name}: sink_tokens must be in 0..255 (0 when lossless)")
     if not 1 <= level.anchor_group <= BLOCK_TOKENS or BLOCK_TOKENS % level.anchor_group:
         raise ValueError(f"level {level.name}: anchor_group must divide {BLOCK_TOKENS}")
     if level.lossless:

@@ -79,11 +79,16 @@ class Profile:
         return h.hexdigest()[:32]
 
     @classmethod
-    def build(cls, samples: Iterable[KVCache], *, model: str) -> Profile:
-        """Statistics and tables from real KV caches of ``model`` (every lossy level)."""
+    def build(cls, samples: Iterable[KVCache], *, model: str, position: int = 0) -> Profile:
+        """Statistics and tables from real KV caches of ``model`` (every lossy level).
+
+        ``position`` is the sequence position of the samples' first token: rows of the
+        sequence's first tokens, which the levels keep exact (``sink_tokens``), are left out.
+        """
+        skip = max(0, max(lv.sink_tokens for lv in levels.LEVEL_TABLE) - position)
         per_plane: list[list[np.ndarray]] | None = None
         for kv in samples:
-            planes = [_to_numpy(p).astype(np.float32) for p in _planes(kv)]
+            planes = [_to_numpy(p).astype(np.float32)[skip:] for p in _planes(kv)]
             if per_plane is None:
                 per_plane = [[] for _ in planes]
             if len(planes) != len(per_plane):

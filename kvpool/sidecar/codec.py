@@ -53,6 +53,8 @@ def encode(chunk: pb.RawChunk, level: str, num_layers: int = 0) -> bytes:
 
     ``num_layers`` (the model's; 0 = unknown) places the chunk's layer (``chunk.key.layer``)
     in the level's bins-over-depth schedule; unknown, the chunk codes as a model's layer 0.
+    The chunk's first token (``chunk.key.token_start``) tells the codec which rows are the
+    sequence's first tokens, which lossy levels keep exact.
     """
     if level == RAW:
         return pb.RawChunk(
@@ -61,7 +63,8 @@ def encode(chunk: pb.RawChunk, level: str, num_layers: int = 0) -> bytes:
     kernels = _kernels()
     try:
         depth = (chunk.key.layer, num_layers) if num_layers else None
-        return kernels.encode(to_kvcache(chunk), level=level, depth=depth)
+        return kernels.encode(to_kvcache(chunk), level=level, depth=depth,
+                              position=chunk.key.token_start)
     except (ValueError, kernels.CodecError) as exc:
         raise ChunkCodecError(f"cannot encode chunk: {exc}") from exc
 

@@ -73,7 +73,6 @@ def test_header_rules() -> None:
         "block": (10, b"\0\0"),
         "group": (12, struct.pack("<H", 257)),
         "anchor": (14, struct.pack("<H", 3)),
-        "reserved": (19, b"\x01"),
         "profile flag without hash": (7, b"\x01"),
     }
     for at, value in cases.values():
@@ -83,6 +82,15 @@ def test_header_rules() -> None:
             decode(seal(bytes(bad)))
         with pytest.raises(CodecError):
             peek(bytes(bad))
+
+
+def test_exact_rows_in_a_lossless_frame_are_refused() -> None:
+    body = bytearray(encode(synthetic_kv([(20, 16)]), "lossless")[:-4])
+    body[19] = 4
+    with pytest.raises(CodecError):
+        decode(seal(bytes(body)))
+    with pytest.raises(CodecError):
+        peek(bytes(body))
 
 
 def test_hostile_sizes_do_not_allocate() -> None:

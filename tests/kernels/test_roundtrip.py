@@ -22,30 +22,37 @@ def bf16(raw: bytes) -> np.ndarray:
     return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
 
 
-def plane_steps(data: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per plane of a self-contained quantized frame: (sigma [width], scale [tokens]), read
-    from its sections as docs/bitstream.md lays them out."""
+def plane_steps(data: bytes) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per plane of a self-contained quantized frame: (exact rows, sigma [width], scale
+    [coded rows]), read from its sections as docs/bitstream.md lays them out."""
     h = _codec.parse(np.frombuffer(data, np.uint8))
+    elem = {1: 2, 2: 2, 3: 4}[h["dtype"]]
     out, at = [], h["header_size"]
     for p in range(2 * len(h["layers"])):
         tokens, width, *bins = h["layers"][p // 2]
+        exact = min(h["exact_rows"], tokens)
+        sec = at + exact * width * elem
+        tokens -= exact
         delta, anchor = bins[p % 2], bins[2 + p % 2]
         tables = -(-width // h["table_group"]) * 2 * (anchor + delta)
-        sigma = bf16(data[at + 2 * width : at + 4 * width])
-        scale = bf16(data[at + 4 * width + tables : at + 4 * width + tables + 2 * tokens])
-        out.append((sigma, scale))
+        sigma = bf16(data[sec + 2 * width : sec + 4 * width])
+        scale = bf16(data[sec + 4 * width + tables : sec + 4 * width + tables + 2 * tokens])
+        out.append((exact, sigma, scale))
         at += int.from_bytes(data[h["header_size"] - 8 * len(h["layers"]) + 4 * p :][:4], "little")
     return out
 
 
 def check_bound(kv: KVCache, out: KVCache, data: bytes, dtype: torch.dtype) -> None:
-    """Every decoded value lies within half a quantization step (sigma[c] * scale[t] / 2)
-    of its input, plus the output dtype's rounding (docs/bitstream.md, "Quantizer")."""
+    """Exact rows decode exactly; every other decoded value lies within half a quantization
+    step (sigma[c] * scale[t] / 2) of its input, plus the output dtype's rounding
+    (docs/bitstream.md, "Quantizer")."""
     ulp = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}[dtype]
     planes = [x for pair in zip(kv.keys, kv.values) for x in pair]
     decoded = [x for pair in zip(out.keys, out.values) for x in pair]
-    for p, ((sigma, scale), x, y) in enumerate(zip(plane_steps(data), planes, decoded)):
+    for p, ((exact, sigma, scale), x, y) in enumerate(zip(plane_steps(data), planes, decoded)):
         x, y = as_numpy(x).astype(np.float64), as_numpy(y).astype(np.float64)
+        assert np.array_equal(x[:exact], y[:exact]), f"plane {p}: exact rows differ"
+        x, y = x[exact:], y[exact:]
         if not x.size:
             continue
         rounding = np.maximum(np.abs(x), np.abs(y)) * ulp * 1.01
@@ -119,6 +126,40 @@ def test_anchor_groups_with_a_profile(delta_level: str, profile_samples) -> None
     assert all(o.shape == k.shape for o, k in zip(out.keys, kv.keys))
 
 
+SINKS = levels.Level("sinks", key_bins=((1.0, 15),), value_bins=((1.0, 11),), sink_tokens=4)
+
+
+@pytest.mark.parametrize("position", [0, 1, 3, 4, 100])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_sequence_first_tokens_stay_exact(monkeypatch, position: int, dtype) -> None:
+    """Rows of positions below the level's sink_tokens are stored verbatim; the others are
+    quantized, with channel ranges that the exact rows do not widen."""
+    monkeypatch.setattr(levels, "LEVEL_TABLE", (*levels.LEVEL_TABLE, SINKS))
+    kv = synthetic_kv([(70, 64), (2, 64), (0, 64)], dtype)
+    kv.keys[0][0] *= 1000  # an attention sink: far outside every other row's range
+    data = encode(kv, "sinks", position=position)
+    exact = max(0, 4 - position)
+    assert peek(data).exact_rows == exact
+    out = decode(data)
+    check_bound(kv, out, data, dtype)
+    if exact:
+        assert torch.equal(out.keys[0][:exact], kv.keys[0][:exact])
+        assert torch.equal(out.values[1][:exact], kv.values[1][:exact])  # rows of 2 rows
+        sigma = plane_steps(data)[0][1]
+        assert sigma.max() < 100, "the sink row widened the channel ranges"
+
+
+def test_exact_rows_with_a_profile(monkeypatch, profile_samples) -> None:
+    from kvpool.kernels import Profile
+
+    monkeypatch.setattr(levels, "LEVEL_TABLE", (*levels.LEVEL_TABLE, SINKS))
+    profile = Profile.build(profile_samples, model="synthetic")
+    kv = profile_samples[1]
+    out = decode(encode(kv, "sinks", profile), profile)
+    for a, b in zip([*kv.keys, *kv.values], [*out.keys, *out.values]):
+        assert torch.equal(torch.as_tensor(a)[:4], b[:4])
+
+
 def test_levels_order_ratio() -> None:
     kv = synthetic_kv([(256, 128)] * 4)
     sizes = [len(encode(kv, name)) for name in LEVELS]
@@ -142,21 +183,22 @@ def test_threads_produce_identical_bytes(level: str) -> None:
     assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values], [*b.keys, *b.values]))
 
 
-def test_depth_picks_the_bins_of_the_model_layer() -> None:
+def test_depth_picks_the_bins_of_the_model_layer(monkeypatch) -> None:
     """A chunk of one layer of a deep model gets that layer's bins from the level's schedule,
     the same as when the chunk holds every layer."""
-    level = levels.get("low")
-    whole = peek(encode(synthetic_kv([(32, 64)] * 10), "low")).bins
+    level = levels.Level("deep", key_bins=((0.5, 31), (1.0, 15)), value_bins=((1.0, 11),))
+    monkeypatch.setattr(levels, "LEVEL_TABLE", (*levels.LEVEL_TABLE, level))
+    whole = peek(encode(synthetic_kv([(32, 64)] * 10), "deep")).bins
     assert whole == [level.layer_bins(i, 10) for i in range(10)]
     assert whole[0] != whole[9]  # the schedule changes over the depth
     for i in (0, 1, 9):
-        one = encode(synthetic_kv([(32, 64)], seed=i), "low", depth=(i, 10))
+        one = encode(synthetic_kv([(32, 64)], seed=i), "deep", depth=(i, 10))
         assert peek(one).bins == [whole[i]]
         assert decode(one).keys[0].shape == (32, 64)
-    assert peek(encode(synthetic_kv([(32, 64)] * 2), "low", depth=(8, 10))).bins == whole[8:]
+    assert peek(encode(synthetic_kv([(32, 64)] * 2), "deep", depth=(8, 10))).bins == whole[8:]
     for bad in ((9, 10), (-1, 10), (0, 1)):
         with pytest.raises(CodecError, match="do not fit"):
-            encode(synthetic_kv([(32, 64)] * 2), "low", depth=bad)
+            encode(synthetic_kv([(32, 64)] * 2), "deep", depth=bad)
 
 
 def test_empty_and_tiny_shapes() -> None:
@@ -201,7 +243,7 @@ def test_roundtrip_property(shapes, level, dtype, seed) -> None:
 
 def test_non_finite_values_need_lossless() -> None:
     x = torch.ones(8, 8, dtype=torch.float16)
-    x[3, 3] = float("inf")
+    x[5, 3] = float("inf")  # a quantized row (rows 0-3 of a sequence are stored exact)
     from kvpool.kernels import CodecError
 
     with pytest.raises(CodecError, match="invalid input"):
