@@ -115,6 +115,8 @@ class Sidecar:
         self.transport = transport or GrpcTransport(credentials)
         self.store = TransferStore(config.lease_s)
         self.metrics = SidecarMetrics()
+        self.metrics.held.set_function(lambda: len(self.store))
+        self.metrics.held_bytes.set_function(lambda: self.store.held_bytes)
         self.health = transfer_health.TransferHealth(role="sidecar", registry=self.metrics.registry)
         self.policy: adaptive.LevelPolicy | None = None
         self._layers: dict[str, int] = {}
@@ -191,7 +193,6 @@ class Sidecar:
                 self.metrics.expired.inc(len(gone))
                 for transfer in gone:
                     log.info("lease expired", extra={"transfer": transfer.transfer_id})
-            self.metrics.held.set(len(self.store))
             await asyncio.sleep(min(1.0, self.config.lease_s / 4))
 
     # ---- work shared by the services ------------------------------------------------------
@@ -254,8 +255,9 @@ class Sidecar:
                     time.perf_counter() - start)
 
     def start_push(self, transfer: Transfer, peer: str) -> None:
-        """Stream ``transfer`` to ``peer`` as it is produced (once per transfer)."""
-        if transfer.transfer_id in self._pushing:
+        """Stream ``transfer`` to ``peer`` as it is produced (once per transfer; never a
+        transfer that has failed, e.g. whose push failed already)."""
+        if transfer.transfer_id in self._pushing or transfer.error is not None:
             return
         self._pushing.add(transfer.transfer_id)
         self._spawn(self._push(transfer, peer))
@@ -266,6 +268,8 @@ class Sidecar:
             chunks = await self.transport.push(
                 peer, self.measured(transfer.messages(timeout)), timeout=timeout)
         except (TransportError, TransferFailed) as exc:
+            # Decode recomputes (or is gone): what is held here is of no use any more.
+            transfer.fail("push", f"the push to {peer} failed: {exc}")
             self.metrics.failures.labels("prefill", "push").inc()
             log.warning("push failed", extra={"transfer": transfer.transfer_id, "peer": peer,
                                               "error": str(exc)})
@@ -305,7 +309,7 @@ class Sidecar:
                     break
             transfer.fail("peer", f"the stream from {peer} ended early")
         except TransportError as exc:
-            transfer.fail("peer", str(exc))
+            transfer.fail("timeout" if isinstance(exc, TimeoutError) else "peer", str(exc))
         except TransferFailed as exc:  # a chunk arrived after the transfer closed
             transfer.fail(exc.reason, str(exc))
 
@@ -326,7 +330,7 @@ class LocalService(pb_grpc.LocalServicer):
         try:
             transfer = s.store.open(request.transfer_id, request.model)
             raw = request.chunk
-            if transfer.error is not None and transfer.error.reason == "deadline":
+            if transfer.error is not None and transfer.error.reason in ("deadline", "push"):
                 return pb.PutReply(wire_bytes=0)  # decode recomputes this one
             if level == ADAPTIVE:
                 level = await s.choose_level(transfer, raw)
