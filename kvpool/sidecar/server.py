@@ -90,6 +90,11 @@ class SidecarConfig:
 ADAPTIVE = "adaptive"
 """The level that lets :mod:`kvpool.sidecar.adaptive` pick one per chunk."""
 
+DECODE_RECOMPUTES = ("deadline", "push", "pull")
+"""Reasons a prefill-side transfer failed for which decode recomputes the request (it
+cannot arrive in time, or its reader is gone): the producer's later chunks are accepted
+and dropped, not refused."""
+
 
 def checksum(payload: bytes) -> int:
     return google_crc32c.value(payload)
@@ -330,8 +335,8 @@ class LocalService(pb_grpc.LocalServicer):
         try:
             transfer = s.store.open(request.transfer_id, request.model)
             raw = request.chunk
-            if transfer.error is not None and transfer.error.reason in ("deadline", "push"):
-                return pb.PutReply(wire_bytes=0)  # decode recomputes this one
+            if transfer.error is not None and transfer.error.reason in DECODE_RECOMPUTES:
+                return pb.PutReply(wire_bytes=0)  # the rest is not wanted: dropped
             if level == ADAPTIVE:
                 level = await s.choose_level(transfer, raw)
                 if level == adaptive.RECOMPUTE:
@@ -437,15 +442,26 @@ class PeerService(pb_grpc.PeerServicer):
         if request.model and transfer.model != request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transfer {request.transfer_id} is of model {transfer.model!r}")
+        settled = False  # the end went out, or the failure was reported
         try:
             async for message in s.transport.outgoing(
                     s.measured(transfer.messages(s.config.transfer_timeout_s))):
-                if message.WhichOneof("item") == "chunk":
+                kind = message.WhichOneof("item")
+                if kind == "chunk":
                     s.metrics.wire_bytes.labels("sent").inc(len(message.chunk.payload))
+                settled = kind == "end"
                 yield message
         except TransferFailed as exc:
+            settled = True
             s.metrics.failures.labels("prefill", exc.reason).inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            if not settled:
+                # The reader went away mid-transfer (decode gone, or it gave up at its
+                # deadline): it recomputes, and what is held here is of no use any more.
+                transfer.fail("pull", "the reader went away")
+                s.metrics.failures.labels("prefill", "pull").inc()
+                log.warning("pull abandoned", extra={"transfer": transfer.transfer_id})
 
     async def Push(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.PushReply:
         s = self.sidecar

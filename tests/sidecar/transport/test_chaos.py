@@ -60,6 +60,7 @@ async def cluster(tmp_path):
     for channel in channels:
         await channel.close()
     for process in started:
+        process.kill()  # nothing of theirs outlives the test: no graceful stop to wait for
         process.stop()
 
 
@@ -135,25 +136,30 @@ def exact(sent: dict, got: dict) -> None:
         assert torch.equal(got[layer][0], k) and torch.equal(got[layer][1], v)
 
 
-async def test_killing_the_decode_sidecar_mid_push(cluster):
+@pytest.mark.parametrize("mode", ["push", "pull"])
+async def test_killing_the_decode_sidecar_mid_transfer(cluster, mode):
     start, local = cluster
     prefill, decode = start("prefill", "decode")
     p_local, d_local = local(prefill), local(decode)
+    push_to = decode.peer if mode == "push" else ""
+    await put(p_local, "t", [0], push_to=push_to, seal=False)
     loading = asyncio.create_task(load(d_local, pb.LoadRequest(
-        transfer_id="t", model=MODEL, expect_push=True)))
-    await put(p_local, "t", [0], push_to=decode.peer, seal=False)
+        transfer_id="t", model=MODEL, expect_push=mode == "push",
+        peer=prefill.peer if mode == "pull" else "")))
     await until(decode, "kvpool_sidecar_wire_bytes_total", 1, at_least=True,
                 direction="received")  # the first chunk is across
     decode.kill()  # mid-transfer
 
     _, end, error = await loading
     assert end is None and error is not None  # the decode connector sees its sidecar gone
-    # The prefill side neither hangs nor keeps pushing: the rest is accepted and dropped.
-    await put(p_local, "t", range(1, LAYERS), push_to=decode.peer)
-    await until(prefill, FAILURES, 1, side="prefill", reason="push")
-    assert await metric(prefill, "kvpool_sidecar_held_bytes") == 0  # freed at the failure
+    # The prefill side neither hangs nor sends on: it counts the failure and lets go of the
+    # chunks at once; the rest of the transfer is accepted and dropped.
+    await until(prefill, FAILURES, 1, side="prefill", reason=mode)
+    await until(prefill, "kvpool_sidecar_held_bytes", 0)
+    await put(p_local, "t", range(1, LAYERS), push_to=push_to)
+    assert await metric(prefill, "kvpool_sidecar_held_bytes") == 0
     await nothing_held(prefill)  # and the entry itself at its lease
-    assert await metric(prefill, FAILURES, side="prefill", reason="push") == 1
+    assert await metric(prefill, FAILURES, side="prefill", reason=mode) == 1
 
 
 async def test_a_peer_restarted_on_the_same_port_never_serves_stale_state(cluster):
