@@ -44,6 +44,7 @@ LevelName = Literal["adaptive", "high", "default", "low", "lowest"]
 FailurePolicy = Literal["recompute", "fail"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 ConditionStatus = Literal["True", "False", "Unknown"]
+TLSMode = Literal["mTLS", "plaintext"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,6 +122,33 @@ class RoleSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TLSSpec:
+    """How the sidecars of a pool secure their peer API (the KV path between pods)."""
+
+    mode: TLSMode = field(
+        "mTLS: sidecars authenticate each other with certificates from secretName (or from "
+        "a Secret the operator generates); plaintext: no encryption, no authentication.",
+        default="mTLS",
+    )
+    secret_name: str | None = field(
+        "Secret with ca.crt, tls.crt and tls.key (tls.crt signed by ca.crt, valid for the "
+        "name kvpool-sidecar). Default: <pool>-sidecar-tls, a self-signed CA and "
+        "certificate the operator generates once and owns.",
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        default=None,
+    )
+
+    __cel__ = (
+        Rule(
+            "self.mode == 'mTLS' || !has(self.secretName)",
+            "secretName applies to mode mTLS only",
+            ".secretName",
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TransferSpec:
     """How the KV cache moves from prefill to decode."""
 
@@ -170,6 +198,7 @@ class TransferSpec:
         minimum=10,
         maximum=600000,
     )
+    tls: TLSSpec = field("Security of the sidecars' peer API.", default=TLSSpec())
 
     __cel__ = (
         Rule(
@@ -254,7 +283,7 @@ class RoleStatus:
 class Condition:
     """A metav1.Condition."""
 
-    type: str = field("Ready, Progressing or Degraded.", max_length=316)
+    type: str = field("Ready, Progressing, Degraded or TransferHealthy.", max_length=316)
     status: ConditionStatus = field("True, False or Unknown.")
     reason: str = field("CamelCase reason.", max_length=1024)
     message: str = field("Human-readable details.", default="", max_length=32768)
@@ -262,6 +291,24 @@ class Condition:
     observed_generation: int | None = field(
         "metadata.generation this condition is about.", default=None
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransferStatus:
+    """The pool's KV transfers over the sidecars' recent window, summed over the sidecars
+    that answered (read by the operator from each sidecar's /transfer/health)."""
+
+    bytes_saved: int = field("Bytes compression kept off the wire (raw - wire).", default=0)
+    raw_bytes: int = field("Uncompressed KV bytes delivered.", default=0, minimum=0)
+    wire_bytes: int = field("Bytes of that KV on the wire.", default=0, minimum=0)
+    transfers: int = field("Transfers finished (delivered, failed or recomputed).", default=0,
+                           minimum=0)
+    failed: int = field("Transfers that failed (decode recomputed).", default=0, minimum=0)
+    recomputed: int = field("Requests that fell back to recompute (failures included).",
+                            default=0, minimum=0)
+    window_seconds: int = field("The window these counts cover, in seconds.", default=0,
+                                minimum=0)
+    sidecars: str = field("Sidecars that answered / worker pods running.", default="0/0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -280,8 +327,11 @@ class KVCachePoolStatus:
     inputs_hash: str | None = field(
         "Hash of everything the children were rendered from.", default=None
     )
+    transfer: TransferStatus | None = field(
+        "KV transfers of the recent window (TransferHealthy says what they mean).", default=None
+    )
     conditions: list[Condition] = field(
-        "Ready, Progressing, Degraded.",
+        "Ready, Progressing, Degraded, TransferHealthy.",
         default=[],
         extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )

@@ -21,12 +21,18 @@ every command with the real parsers):
   ``--ttft-target-ms``, ``--transfer-timeout``) as ``$(KVPOOL_*)`` references that the
   kubelet expands from the pool's ConfigMap. The advertised address is what a prefill
   sidecar puts in ``kv_transfer_params`` (``kvpool_peer``): decode pulls the KV from there.
+- mutual TLS (``transfer.tls.mode: mTLS``, the default): the sidecar gets ``--tls-dir``
+  with the pool's TLS Secret mounted there (``secretName``, or ``<pool>-sidecar-tls`` that
+  the operator generates once: :func:`tls_secret`), and its probes move from the gRPC
+  peer port (kubelet's gRPC probe speaks plaintext) to ``/transfer/health`` on the
+  metrics port.
 - router: ``kvpool router --host 0.0.0.0 --port P --prefill http://HOST:PORT --decode
   http://HOST:PORT`` where the hosts are the roles' headless Services.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -45,6 +51,10 @@ CONFIG_HASH_ANNOTATION = "kvpool.dev/config-hash"
 
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 SOCKET_NAME = "sidecar.sock"
+TLS_DIR = "/etc/kvpool/tls"
+"""Where the sidecar container finds the pool's TLS Secret."""
+SIDECAR_UID = 65532
+"""The sidecar's non-root user (and the group that may read the TLS Secret's files)."""
 PREFILL_MAX_SEQS = 256
 """Prefill's ``--max-num-seqs`` cap: vLLM refuses more sequences than batched tokens (the
 chunk size), and its own default reaches 1024 on large GPUs."""
@@ -118,6 +128,33 @@ def sidecar_level(transfer: api.TransferSpec) -> str:
     if transfer.codec == "raw":
         return "raw"
     return "lossless" if transfer.lossless else transfer.level
+
+
+def tls_secret_name(pool: str, spec: api.KVCachePoolSpec) -> str | None:
+    """The Secret the sidecars' certificates come from; None when the pool is plaintext."""
+    tls = spec.transfer.tls
+    if tls.mode != "mTLS":
+        return None
+    return tls.secret_name or f"{pool}-sidecar-tls"
+
+
+def generates_tls_secret(spec: api.KVCachePoolSpec) -> bool:
+    """Whether the operator makes the pool's TLS Secret (mTLS and no secretName)."""
+    return spec.transfer.tls.mode == "mTLS" and not spec.transfer.tls.secret_name
+
+
+def tls_secret(pool: PoolRef, data: Mapping[str, bytes]) -> dict[str, Any]:
+    """The TLS Secret the operator generates for a pool (``data``:
+    :meth:`kvpool.sidecar.tls.TLSBundle.secret_data`), owned by the pool."""
+    meta = _metadata(pool, f"{pool.name}-sidecar-tls", "tls", "")
+    del meta["annotations"]  # made once, never re-rendered: no inputs hash
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "kubernetes.io/tls",
+        "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())},
+    }
 
 
 def _seconds(ms: int) -> str:
@@ -223,6 +260,18 @@ def _vllm_container(
 def _sidecar_container(
     pool: PoolRef, role: str, spec: api.KVCachePoolSpec, settings: RenderSettings
 ) -> dict[str, Any]:
+    tls = tls_secret_name(pool.name, spec) is not None
+    mounts: list[dict[str, Any]] = [{"name": "kvpool-socket", "mountPath": settings.socket_dir}]
+    if tls:
+        mounts.append({"name": "kvpool-tls", "mountPath": TLS_DIR, "readOnly": True})
+        # kubelet's gRPC probe speaks plaintext: the metrics port answers once the sidecar
+        # serves (it starts after both gRPC servers).
+        ready = _http_probe("/transfer/health", "metrics", 5, 3)
+        alive = _http_probe("/transfer/health", "metrics", 10, 6)
+    else:
+        # The standard gRPC health service, served by the sidecar on its peer port.
+        ready = _grpc_probe(settings.sidecar_port, 5, 3)
+        alive = _grpc_probe(settings.sidecar_port, 10, 6)
     container: dict[str, Any] = {
         "name": "sidecar",
         "image": spec.sidecar.image or settings.kvpool_image,
@@ -236,6 +285,7 @@ def _sidecar_container(
             "--level", "$(KVPOOL_LEVEL)",
             "--ttft-target-ms", "$(KVPOOL_TTFT_TARGET_MS)",
             "--transfer-timeout", "$(KVPOOL_TRANSFER_TIMEOUT_S)",
+            *(["--tls-dir", TLS_DIR] if tls else []),
         ],
         "ports": [
             {"name": "kv", "containerPort": settings.sidecar_port, "protocol": "TCP"},
@@ -243,10 +293,9 @@ def _sidecar_container(
         ],
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "envFrom": [{"configMapRef": {"name": config_map_name(pool.name)}}],
-        "volumeMounts": [{"name": "kvpool-socket", "mountPath": settings.socket_dir}],
-        # The standard gRPC health service, served by the sidecar on its peer port.
-        "readinessProbe": _grpc_probe(settings.sidecar_port, 5, 3),
-        "livenessProbe": _grpc_probe(settings.sidecar_port, 10, 6),
+        "volumeMounts": mounts,
+        "readinessProbe": ready,
+        "livenessProbe": alive,
         "securityContext": _restricted_security_context(),
     }
     resources = _resources(spec.sidecar.resources)
@@ -258,7 +307,7 @@ def _sidecar_container(
 def _restricted_security_context() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
-        "runAsUser": 65532,
+        "runAsUser": SIDECAR_UID,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
@@ -314,18 +363,26 @@ def _worker_deployment(
     pool: PoolRef, role: str, spec: api.KVCachePoolSpec, settings: RenderSettings, digest: str
 ) -> dict[str, Any]:
     r: api.RoleSpec = getattr(spec, role)
-    pod_spec = {
+    volumes: list[dict[str, Any]] = [
+        {"name": "kvpool-socket", "emptyDir": {"sizeLimit": "16Mi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+    ]
+    secret = tls_secret_name(pool.name, spec)
+    if secret is not None:
+        # Readable by the sidecar's group only (fsGroup), not by everyone in the pod.
+        volumes.append({"name": "kvpool-tls",
+                        "secret": {"secretName": secret, "defaultMode": 0o440}})
+    pod_spec: dict[str, Any] = {
         "containers": [
             _vllm_container(pool, role, spec, settings),
             _sidecar_container(pool, role, spec, settings),
         ],
-        "volumes": [
-            {"name": "kvpool-socket", "emptyDir": {"sizeLimit": "16Mi"}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-        ],
+        "volumes": volumes,
         "terminationGracePeriodSeconds": 60,
         **_pod_spec_scheduling(r),
     }
+    if secret is not None:
+        pod_spec["securityContext"] = {"fsGroup": SIDECAR_UID}
     annotations = {CONFIG_HASH_ANNOTATION: _config_hash(spec)}
     replicas = None if r.autoscaled else r.replicas
     return _deployment(pool, f"{pool.name}-{role}", role, replicas, pod_spec, annotations, digest)

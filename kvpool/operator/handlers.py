@@ -3,11 +3,16 @@
 - ``pools`` index: the latest :class:`~kvpool.operator.plan.Plan` of every pool.
 - ``<kind>_index`` (configmaps, services, deployments, poddisruptionbudgets): the
   operator's children as they are, keyed by (namespace, pool).
-- create/update/resume of a pool → :func:`reconcile`: apply every child with server-side
-  apply (skipped when the inputs hash and the children already match), then status.
+- create/update/resume of a pool → :func:`reconcile`: create the pool's TLS Secret when
+  it asks for mTLS and names none (once: an existing one is kept), apply every child with
+  server-side apply (skipped when the inputs hash and the children already match), then
+  status.
 - any event of a child → :func:`on_child_event`: a deleted or hand-edited child is
   applied again; a Deployment's change refreshes the pool's status.
 - delete of a pool → :func:`cleanup`: its children are deleted, then kopf releases it.
+- every ``transfer_health_interval_s`` → :func:`transfer_health` (a timer registered by
+  :mod:`kvpool.operator.main`): the sidecars' ``/transfer/health``, read with short
+  timeouts beside the reconcile handlers, becomes the ``TransferHealthy`` condition.
 
 A spec the operator cannot honour (schema or CEL violations, a child the API server
 rejects) becomes ``Degraded=True`` with the reason and a Warning Event, never an
@@ -23,11 +28,11 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
-from kvpool.operator import api, children, crd, kube, plan, status
+from kvpool.operator import api, children, crd, kube, plan, status, transfer
 from kvpool.operator.settings import OperatorSettings
 
 MANAGED = {"app.kubernetes.io/managed-by": children.MANAGED_BY}
@@ -51,8 +56,14 @@ class Memo:
     here before the pool's own watch event brings that status to the ``pools`` index."""
     status_locks: dict[str, asyncio.Lock] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(asyncio.Lock))
-    """By pool uid: one status write at a time from Deployment news, so that two writes
-    computed from different moments cannot land in the wrong order."""
+    """By pool uid: one status write at a time from news (a Deployment's, the sidecars'
+    health), so that two writes computed from different moments cannot land in the wrong
+    order."""
+    transfer_health: dict[str, transfer.TransferVerdict] = dataclasses.field(
+        default_factory=dict)
+    """By pool uid: the latest reading of the pool's sidecars' transfer health."""
+    tls_secrets: set[str] = dataclasses.field(default_factory=set)
+    """Uids of the pools whose generated TLS Secret is known to exist."""
 
 
 def configure(settings: kopf.OperatorSettings, op: OperatorSettings) -> None:
@@ -125,9 +136,10 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
-def _status_patch(p: plan.Plan, live: list[Child], problem: tuple[str, str] | None = None,
+def _status_patch(memo: Memo, p: plan.Plan, live: list[Child],
+                  problem: tuple[str, str] | None = None,
                   missing: Iterable[str] = ()) -> dict[str, Any] | None:
-    """The pool's status to apply, or None when it would change nothing (pure, cheap)."""
+    """The pool's status to apply, or None when it would change nothing (cheap)."""
     new = status.compute(
         pool=p.pool,
         generation=p.generation,
@@ -138,6 +150,8 @@ def _status_patch(p: plan.Plan, live: list[Child], problem: tuple[str, str] | No
         missing=list(missing),
         problem=problem or p.problem,
         previous=p.status.get("conditions", []),
+        transfer=(memo.transfer_health.get(p.pool.uid)
+                  or transfer.TransferVerdict.from_status(p.status)),
     )
     if status.same(new, p.status):
         return None
@@ -156,7 +170,7 @@ def _apply_status(memo: Memo, body: dict[str, Any] | None) -> None:
 
 def _write_status(memo: Memo, p: plan.Plan, live: list[Child],
                   problem: tuple[str, str] | None = None, missing: Iterable[str] = ()) -> None:
-    _apply_status(memo, _status_patch(p, live, problem, missing))
+    _apply_status(memo, _status_patch(memo, p, live, problem, missing))
 
 
 def _missing(p: plan.Plan, live: Iterable[Mapping[str, Any]]) -> list[plan.ChildKey]:
@@ -196,6 +210,10 @@ def reconcile(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -
     if p.problem is not None:
         _report_problem(memo, p, live, *p.problem, logger)
         return
+    try:
+        _ensure_tls_secret(memo, p, logger)
+    except kube.ApiError as exc:
+        _apply_failed(memo, p, live, exc, f"Secret {p.pool.name}-sidecar-tls", logger)
     todo = _missing(p, live)
     if todo or p.status.get("inputsHash") != p.digest:
         to_apply = p.children if p.status.get("inputsHash") != p.digest else {
@@ -204,18 +222,44 @@ def reconcile(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -
             for obj in to_apply.values():
                 memo.client.apply(obj, memo.settings.apply.field_manager)
         except kube.ApiError as exc:
-            if exc.status >= 500 or exc.status == 429:
-                raise kopf.TemporaryError(str(exc), delay=memo.settings.retry_delay_s) from exc
-            message = f"{obj['kind']} {obj['metadata']['name']} rejected: {exc.message}"
-            _report_problem(memo, p, live, status.APPLY_FAILED, message, logger)
-            # Not honourable as is; retried slowly in case the cause is outside the spec
-            # (RBAC, quota, a foreign object holding the name).
-            raise kopf.TemporaryError(message, delay=60) from exc
+            _apply_failed(memo, p, live, exc, f"{obj['kind']} {obj['metadata']['name']}",
+                          logger)
         logger.info(f"applied {len(to_apply)} children (inputs {p.digest})")
     # Known as reconciled before the status goes out: Deployment news arriving meanwhile
     # then refreshes the status itself instead of being dropped.
     memo.reconciled[p.pool.uid] = (p.generation, p.digest)
     _write_status(memo, p, _live_children(p.pool.namespace, p.pool.name, kwargs))
+
+
+def _apply_failed(memo: Memo, p: plan.Plan, live: list[Child], exc: kube.ApiError,
+                  what: str, logger: kopf.Logger) -> NoReturn:
+    """Retry soon on a server error; else report the rejection, then retry slowly."""
+    if exc.status >= 500 or exc.status == 429:
+        raise kopf.TemporaryError(str(exc), delay=memo.settings.retry_delay_s) from exc
+    message = f"{what} rejected: {exc.message}"
+    _report_problem(memo, p, live, status.APPLY_FAILED, message, logger)
+    # Not honourable as is; retried slowly in case the cause is outside the spec
+    # (RBAC, quota, a foreign object holding the name).
+    raise kopf.TemporaryError(message, delay=60) from exc
+
+
+def _ensure_tls_secret(memo: Memo, p: plan.Plan, logger: kopf.Logger) -> None:
+    """Create the pool's generated TLS Secret when it is missing; never touch an existing
+    one (its certificates stay valid for the pods that mounted them). The operator may
+    create Secrets but not read them: an existing one answers 409."""
+    if p.spec is None or not children.generates_tls_secret(p.spec) \
+            or p.pool.uid in memo.tls_secrets:
+        return
+    from kvpool.sidecar import tls
+
+    try:
+        memo.client.create(children.tls_secret(p.pool, tls.generate_bundle().secret_data()))
+        logger.info(f"generated Secret {p.pool.name}-sidecar-tls "
+                    "(self-signed CA and sidecar certificate)")
+    except kube.ApiError as exc:
+        if exc.status != 409:
+            raise
+    memo.tls_secrets.add(p.pool.uid)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
@@ -230,6 +274,8 @@ def cleanup(body: kopf.Body, memo: Memo, logger: kopf.Logger, **kwargs: Any) -> 
             deleted += memo.client.delete(api_version, kind, meta["namespace"], name)
     memo.reconciled.pop(meta["uid"], None)
     memo.status_locks.pop(meta["uid"], None)
+    memo.transfer_health.pop(meta["uid"], None)
+    memo.tls_secrets.discard(meta["uid"])
     logger.info(f"deleted {deleted} children")
 
 
@@ -258,18 +304,46 @@ async def on_child_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo,
         kopf.info(p.body_ref,  # type: ignore[arg-type]  # kopf posts from any body-like dict
                   reason="ChildRestored", message=f"{key[1]} {key[2]} was {what}")
         logger.info(f"restored {key[1]} {key[2]}: it was {what}")
+    if key[1] == "Deployment":
+        await _refresh_status(memo, p, kwargs)
+
+
+def _reconciled(memo: Memo, p: plan.Plan) -> bool:
+    return (memo.reconciled.get(p.pool.uid) == (p.generation, p.digest)
+            or (p.status.get("observedGeneration") == p.generation
+                and p.status.get("inputsHash") == p.digest))
+
+
+async def _refresh_status(memo: Memo, p: plan.Plan, indexes: Mapping[str, Any]) -> None:
+    """Write the pool's status anew from news outside reconcile() (a Deployment's counts,
+    the sidecars' health), once reconcile() has written it for this generation."""
     # Status moves to a new generation only in reconcile(), once every child is applied;
-    # until then, a Deployment's news would report the new inputs too early.
-    reconciled = (memo.reconciled.get(p.pool.uid) == (p.generation, p.digest)
-                  or (p.status.get("observedGeneration") == p.generation
-                      and p.status.get("inputsHash") == p.digest))
-    if key[1] == "Deployment" and reconciled:
-        async with memo.status_locks[p.pool.uid]:
-            # Computed under the lock from the indexes as they are now: the news of two
-            # Deployments written out of order would leave the older counts in status.
-            new = _status_patch(p, _live_children(namespace, pool_name, kwargs))
-            if new is not None:  # most Deployment news changes no count: no write
-                await asyncio.to_thread(_apply_status, memo, new)
+    # until then, news would report the new inputs too early.
+    if not _reconciled(memo, p):
+        return
+    async with memo.status_locks[p.pool.uid]:
+        # Computed under the lock from the indexes as they are now: two writes of news
+        # computed at different moments could otherwise land in the wrong order.
+        new = _status_patch(memo, p, _live_children(p.pool.namespace, p.pool.name, indexes))
+        if new is not None:  # most news changes nothing: no write
+            await asyncio.to_thread(_apply_status, memo, new)
+
+
+async def transfer_health(body: kopf.Body, memo: Memo, **kwargs: Any) -> None:
+    """Read the pool's sidecars' transfer health into its status (a kopf timer)."""
+    p = plan.make(body, memo.settings.render)
+    if p.deleting or p.problem is not None:
+        return
+    ready = sum(int((p.status.get(role) or {}).get("ready", 0)) for role in api.ROLES)
+    if not ready:  # nothing to ask: no API request, no connection
+        verdict = transfer.TransferVerdict.unknown(transfer.NO_READY, "no worker pod is ready")
+    else:
+        selector = f"{children.POOL_LABEL}={p.pool.name}"
+        verdict = await transfer.collect(
+            lambda: memo.client.list("v1", "Pod", p.pool.namespace, selector), p.pool.name,
+            memo.settings.transfer_health_timeout_s)
+    memo.transfer_health[p.pool.uid] = verdict
+    await _refresh_status(memo, p, kwargs)
 
 
 for _group, _version, _plural in CHILD_RESOURCES:

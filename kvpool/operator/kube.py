@@ -19,6 +19,8 @@ _PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Event"): "events",
+    ("v1", "Pod"): "pods",
+    ("v1", "Secret"): "secrets",
     ("apps/v1", "Deployment"): "deployments",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("kvpool.dev/v1alpha1", "KVCachePool"): "kvcachepools",
@@ -107,6 +109,13 @@ class Client:
             if exc.status == 404:
                 return None
             raise
+
+    def list(self, api_version: str, kind: str, namespace: str | None,
+             label_selector: str = "") -> list[dict[str, Any]]:
+        """The objects of a kind (in ``namespace``) that match ``label_selector``."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        answer = self.request("GET", path(api_version, kind, namespace), query=query)
+        return list(answer.get("items") or [])
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

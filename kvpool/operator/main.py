@@ -15,8 +15,8 @@ from typing import Any
 
 import kopf
 
-from kvpool.operator import crd, handlers, kube, validation
-from kvpool.operator.settings import OperatorSettings, RenderSettings
+from kvpool.operator import api, crd, handlers, kube, validation
+from kvpool.operator.settings import OperatorSettings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +32,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 class _QuietChildEvents(logging.Filter):
-    """Drop kopf's "Handler '<kind>_drift' succeeded" lines: one per child event, no news."""
+    """Drop kopf's "Handler '<kind>_drift' succeeded" lines (one per child event) and
+    "Timer 'transfer_health' succeeded" (one per pool and interval): no news."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Handler '") and "_drift' succeeded" in message)
+        return not ((message.startswith("Handler '") and "_drift' succeeded" in message)
+                    or message == "Timer 'transfer_health' succeeded.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,11 +47,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("kopf.objects").addFilter(_QuietChildEvents())
     validation.warm_up()
-    op = OperatorSettings(render=RenderSettings.from_env())
+    op = OperatorSettings.from_env()
     namespaces = list(args.namespace) or None
     client = kube.Client(kube.load_config(), op.apply.request_timeout_s)
     if not args.standalone:
         handlers.ensure_peering(client, namespaces)
+
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, id="transfer_health",
+               interval=op.transfer_health_interval_s,
+               initial_delay=op.transfer_health_interval_s)(handlers.transfer_health)
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -8,6 +8,10 @@ exactly these rules; a test renders the chart and compares. Why each one is need
 - ``deployments``, ``services``, ``configmaps``, ``poddisruptionbudgets``: the children
   — server-side apply is a PATCH (which creates when absent); watch them to put back a
   deleted or hand-edited child and to read readiness; delete them when the pool goes.
+- ``secrets`` (create only: the operator never reads a Secret): the TLS Secret it
+  generates for a pool that asks for mTLS and names none; an existing one (409) is kept.
+- ``pods`` (list): the pool's worker pods, whose sidecars' ``/transfer/health`` the
+  operator reads into the ``TransferHealthy`` condition.
 - ``events``: report what happened (kopf posts through core/v1).
 - ``clusterkopfpeerings`` / ``kopfpeerings``: kopf peering, so that of several replicas
   only one acts at a time (the operator creates its peering object when absent).
@@ -28,6 +32,8 @@ CLUSTER_RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": OWN},
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": OWN},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": OWN},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
      "verbs": [*READ, "create", "patch"]},

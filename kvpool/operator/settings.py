@@ -68,3 +68,18 @@ class OperatorSettings:
     resync_s: float = 300.0
     """Every pool is reconciled at least this often (seconds), even without events: a
     safety net for a missed watch event."""
+
+    transfer_health_interval_s: float = 30.0
+    """How often (seconds) the operator reads each pool's sidecars' ``/transfer/health``
+    into its ``TransferHealthy`` condition (env ``KVPOOL_TRANSFER_HEALTH_INTERVAL_S``)."""
+
+    transfer_health_timeout_s: float = 2.0
+    """How long one sidecar may take to answer (seconds); a silent one counts as
+    unreachable. All sidecars of a pool are asked at once."""
+
+    @classmethod
+    def from_env(cls) -> OperatorSettings:
+        interval = os.environ.get("KVPOOL_TRANSFER_HEALTH_INTERVAL_S")
+        return cls(render=RenderSettings.from_env(),
+                   transfer_health_interval_s=float(interval) if interval
+                   else cls.transfer_health_interval_s)

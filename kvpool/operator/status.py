@@ -3,6 +3,7 @@
 Conditions follow ``metav1.Condition``: ``Ready`` (every role has its desired pods
 ready), ``Progressing`` (children being created or rolled out), ``Degraded`` (the
 operator cannot make the children match the spec: an invalid spec or a rejected child),
+``TransferHealthy`` (what the sidecars say of their KV transfers, :mod:`.transfer`),
 each with a CamelCase reason and a message. ``lastTransitionTime`` moves only when a
 condition's status changes.
 """
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvpool.operator import api, children
+from kvpool.operator.transfer import CONDITION as TRANSFER_HEALTHY
+from kvpool.operator.transfer import NOT_MEASURED, TransferVerdict
 
 # Reasons, as they appear in conditions and events.
 INVALID_SPEC = "InvalidSpec"
@@ -61,9 +64,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
+def _condition(type_: str, ok: bool | str, reason: str, message: str, generation: int,
                previous: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    status = "True" if ok else "False"
+    status = ok if isinstance(ok, str) else ("True" if ok else "False")
     before = previous.get(type_, {})
     since = before.get("lastTransitionTime") if before.get("status") == status else None
     return {
@@ -96,12 +99,14 @@ def compute(
     missing: Sequence[str],
     problem: tuple[str, str] | None,
     previous: Sequence[Mapping[str, Any]] = (),
+    transfer: TransferVerdict | None = None,
 ) -> dict[str, Any]:
     """The status of a pool.
 
     ``workloads`` maps a component (prefill, decode, router) to its Deployment's facts;
     ``missing`` names children not created yet; ``problem`` is ``(reason, message)`` when
-    the operator cannot honour the spec (then ``spec`` may be None).
+    the operator cannot honour the spec (then ``spec`` may be None); ``transfer`` is the
+    latest reading of the sidecars' health (None: not measured yet).
     """
     prev = {c.get("type", ""): c for c in previous}
     out: dict[str, Any] = {"observedGeneration": generation}
@@ -157,6 +162,12 @@ def compute(
                                      "children match the spec", generation, prev)
         degraded = _condition("Degraded", False, AS_EXPECTED, "", generation, prev)
         conditions = [ready_cond, progressing, degraded]
+    if transfer is None:
+        transfer = TransferVerdict.unknown(NOT_MEASURED, "the sidecars were not read yet")
+    conditions.append(_condition(TRANSFER_HEALTHY, transfer.status, transfer.reason,
+                                 transfer.message, generation, prev))
+    if transfer.summary is not None:
+        out["transfer"] = dict(transfer.summary)
     out["conditions"] = conditions
     return out
 

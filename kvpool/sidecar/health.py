@@ -150,19 +150,7 @@ class TransferHealth:
         failure_rate = by["failed"] / n if n else 0.0
         recompute_rate = (by["failed"] + by["recompute"]) / n if n else 0.0
         mix = collections.Counter(levels)
-        if n < t.min_transfers:
-            healthy, reason = True, "Idle"
-            message = f"{n} transfers in the last {t.window_s:.0f} s: too few to judge"
-        elif failure_rate > t.max_failure_rate:
-            healthy, reason = False, "TransfersFailing"
-            message = f"{by['failed']} of {n} transfers failed (limit {t.max_failure_rate:.0%})"
-        elif recompute_rate > t.max_recompute_rate:
-            healthy, reason = False, "FrequentRecompute"
-            message = (f"{by['failed'] + by['recompute']} of {n} requests fell back to recompute "
-                       f"(limit {t.max_recompute_rate:.0%})")
-        else:
-            healthy, reason = True, "TransfersSucceeding"
-            message = f"{by['ok']} of {n} transfers delivered"
+        healthy, reason, message = verdict(n, by["failed"], by["failed"] + by["recompute"], t)
         return {
             "role": self.role,
             "window_s": t.window_s,
@@ -184,6 +172,26 @@ class TransferHealth:
 
     def metrics_text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def verdict(transfers: int, failed: int, recomputed: int,
+            thresholds: HealthThresholds | None = None) -> tuple[bool, str, str]:
+    """``(healthy, reason, message)`` for ``transfers`` in a window of which ``failed``
+    failed and ``recomputed`` (failures included) fell back to recompute. Shared by a
+    sidecar's summary and the operator, which sums the summaries of a pool's sidecars."""
+    t = thresholds or HealthThresholds()
+    failure_rate = failed / transfers if transfers else 0.0
+    recompute_rate = recomputed / transfers if transfers else 0.0
+    if transfers < t.min_transfers:
+        return True, "Idle", (f"{transfers} transfers in the last {t.window_s:.0f} s: "
+                              "too few to judge")
+    if failure_rate > t.max_failure_rate:
+        return False, "TransfersFailing", (f"{failed} of {transfers} transfers failed "
+                                           f"(limit {t.max_failure_rate:.0%})")
+    if recompute_rate > t.max_recompute_rate:
+        return False, "FrequentRecompute", (f"{recomputed} of {transfers} requests fell back "
+                                            f"to recompute (limit {t.max_recompute_rate:.0%})")
+    return True, "TransfersSucceeding", f"{transfers - recomputed} of {transfers} transfers delivered"
 
 
 def add_routes(app, health: TransferHealth) -> None:

@@ -42,6 +42,8 @@ class SidecarMetrics:
             ["side", "reason"], registry=r,
         )
         self.held = Gauge("kvpool_sidecar_held_transfers", "Transfers held in memory", registry=r)
+        self.held_bytes = Gauge("kvpool_sidecar_held_bytes",
+                                "Bytes of encoded chunks held in memory", registry=r)
         self.expired = Counter(
             "kvpool_sidecar_expired_transfers", "Transfers dropped when their lease ran out",
             registry=r,

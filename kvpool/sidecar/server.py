@@ -90,6 +90,11 @@ class SidecarConfig:
 ADAPTIVE = "adaptive"
 """The level that lets :mod:`kvpool.sidecar.adaptive` pick one per chunk."""
 
+DECODE_RECOMPUTES = ("deadline", "push", "pull")
+"""Reasons a prefill-side transfer failed for which decode recomputes the request (it
+cannot arrive in time, or its reader is gone): the producer's later chunks are accepted
+and dropped, not refused."""
+
 
 def checksum(payload: bytes) -> int:
     return google_crc32c.value(payload)
@@ -115,6 +120,8 @@ class Sidecar:
         self.transport = transport or GrpcTransport(credentials)
         self.store = TransferStore(config.lease_s)
         self.metrics = SidecarMetrics()
+        self.metrics.held.set_function(lambda: len(self.store))
+        self.metrics.held_bytes.set_function(lambda: self.store.held_bytes)
         self.health = transfer_health.TransferHealth(role="sidecar", registry=self.metrics.registry)
         self.policy: adaptive.LevelPolicy | None = None
         self._layers: dict[str, int] = {}
@@ -191,7 +198,6 @@ class Sidecar:
                 self.metrics.expired.inc(len(gone))
                 for transfer in gone:
                     log.info("lease expired", extra={"transfer": transfer.transfer_id})
-            self.metrics.held.set(len(self.store))
             await asyncio.sleep(min(1.0, self.config.lease_s / 4))
 
     # ---- work shared by the services ------------------------------------------------------
@@ -254,8 +260,9 @@ class Sidecar:
                     time.perf_counter() - start)
 
     def start_push(self, transfer: Transfer, peer: str) -> None:
-        """Stream ``transfer`` to ``peer`` as it is produced (once per transfer)."""
-        if transfer.transfer_id in self._pushing:
+        """Stream ``transfer`` to ``peer`` as it is produced (once per transfer; never a
+        transfer that has failed, e.g. whose push failed already)."""
+        if transfer.transfer_id in self._pushing or transfer.error is not None:
             return
         self._pushing.add(transfer.transfer_id)
         self._spawn(self._push(transfer, peer))
@@ -266,6 +273,8 @@ class Sidecar:
             chunks = await self.transport.push(
                 peer, self.measured(transfer.messages(timeout)), timeout=timeout)
         except (TransportError, TransferFailed) as exc:
+            # Decode recomputes (or is gone): what is held here is of no use any more.
+            transfer.fail("push", f"the push to {peer} failed: {exc}")
             self.metrics.failures.labels("prefill", "push").inc()
             log.warning("push failed", extra={"transfer": transfer.transfer_id, "peer": peer,
                                               "error": str(exc)})
@@ -305,7 +314,7 @@ class Sidecar:
                     break
             transfer.fail("peer", f"the stream from {peer} ended early")
         except TransportError as exc:
-            transfer.fail("peer", str(exc))
+            transfer.fail("timeout" if isinstance(exc, TimeoutError) else "peer", str(exc))
         except TransferFailed as exc:  # a chunk arrived after the transfer closed
             transfer.fail(exc.reason, str(exc))
 
@@ -326,8 +335,8 @@ class LocalService(pb_grpc.LocalServicer):
         try:
             transfer = s.store.open(request.transfer_id, request.model)
             raw = request.chunk
-            if transfer.error is not None and transfer.error.reason == "deadline":
-                return pb.PutReply(wire_bytes=0)  # decode recomputes this one
+            if transfer.error is not None and transfer.error.reason in DECODE_RECOMPUTES:
+                return pb.PutReply(wire_bytes=0)  # the rest is not wanted: dropped
             if level == ADAPTIVE:
                 level = await s.choose_level(transfer, raw)
                 if level == adaptive.RECOMPUTE:
@@ -433,15 +442,26 @@ class PeerService(pb_grpc.PeerServicer):
         if request.model and transfer.model != request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transfer {request.transfer_id} is of model {transfer.model!r}")
+        settled = False  # the end went out, or the failure was reported
         try:
             async for message in s.transport.outgoing(
                     s.measured(transfer.messages(s.config.transfer_timeout_s))):
-                if message.WhichOneof("item") == "chunk":
+                kind = message.WhichOneof("item")
+                if kind == "chunk":
                     s.metrics.wire_bytes.labels("sent").inc(len(message.chunk.payload))
+                settled = kind == "end"
                 yield message
         except TransferFailed as exc:
+            settled = True
             s.metrics.failures.labels("prefill", exc.reason).inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            if not settled:
+                # The reader went away mid-transfer (decode gone, or it gave up at its
+                # deadline): it recomputes, and what is held here is of no use any more.
+                transfer.fail("pull", "the reader went away")
+                s.metrics.failures.labels("prefill", "pull").inc()
+                log.warning("pull abandoned", extra={"transfer": transfer.transfer_id})
 
     async def Push(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.PushReply:
         s = self.sidecar

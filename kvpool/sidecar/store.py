@@ -66,10 +66,18 @@ class Transfer:
         self._notify()
 
     def fail(self, reason: str, message: str) -> None:
+        """Close the transfer as failed and let go of its chunks at once: nobody can use
+        them any more (a reader gets the error), so memory does not wait for the lease."""
         if self.done:
             return
         self.error = TransferFailed(reason, f"transfer {self.transfer_id}: {message}")
+        self.chunks = []
         self._notify()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of encoded chunks this transfer keeps in memory now."""
+        return sum(len(c.payload) for c in self.chunks)
 
     async def follow(self, timeout: float) -> AsyncIterator[pb.WireChunk | pb.TransferEnd]:
         """Every chunk, from the first, as it arrives, then the end. Raises TransferFailed
@@ -154,4 +162,5 @@ class TransferStore:
 
     @property
     def held_bytes(self) -> int:
-        return sum(t.wire_bytes for t in self._transfers.values())
+        """Bytes of encoded chunks held in memory by every transfer here."""
+        return sum(t.held_bytes for t in self._transfers.values())

@@ -35,6 +35,15 @@ class TransportError(RuntimeError):
     """The peer could not be reached or the stream broke."""
 
 
+class TransportTimeout(TransportError, TimeoutError):
+    """The peer did not answer or finish within the call's deadline (a starved link)."""
+
+
+def _error(what: str, exc: grpc.aio.AioRpcError) -> TransportError:
+    kind = TransportTimeout if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else TransportError
+    return kind(f"{what}: {exc.code().name}: {exc.details()}")
+
+
 class PeerTransport(abc.ABC):
     """Moves a transfer's messages to or from another sidecar."""
 
@@ -102,7 +111,7 @@ class GrpcTransport(PeerTransport):
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as exc:
-            raise TransportError(f"pull from {peer}: {exc.code().name}: {exc.details()}") from exc
+            raise _error(f"pull from {peer}", exc) from exc
         finally:
             call.cancel()
 
@@ -112,7 +121,7 @@ class GrpcTransport(PeerTransport):
         try:
             reply = await self._stub(peer).Push(messages, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise TransportError(f"push to {peer}: {exc.code().name}: {exc.details()}") from exc
+            raise _error(f"push to {peer}", exc) from exc
         return reply.chunks
 
     async def close(self) -> None:

@@ -56,7 +56,7 @@ class TransportError(transport.TransportError):
     """A chunk could not be moved (peer unknown or gone, transfer error, bad checksum)."""
 
 
-class TransportTimeout(TransportError, TimeoutError):
+class TransportTimeout(TransportError, transport.TransportTimeout):
     """A wait for a free slot or for a transfer ran past its deadline."""
 
 

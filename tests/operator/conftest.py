@@ -91,11 +91,12 @@ def client(emulator: pathlib.Path) -> kube.Client:
     return kube.Client(kubernetes.client.ApiClient(configuration), timeout_s=10)
 
 
-def start_operator(kubeconfig: pathlib.Path, log: pathlib.Path, *args: str
-                   ) -> tuple[Process, int]:
-    """Start ``kvpool operator`` against the emulator; return it once it is alive."""
+def start_operator(kubeconfig: pathlib.Path, log: pathlib.Path, *args: str,
+                   env: dict[str, str] | None = None) -> tuple[Process, int]:
+    """Start ``kvpool operator`` against the emulator (``env``: more variables); return it
+    once it is alive."""
     port = free_port()
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig), KVPOOL_IMAGE="kvpool:test")
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), KVPOOL_IMAGE="kvpool:test", **(env or {}))
     proc = Process([sys.executable, "-m", "kvpool.cli", "operator",
                     "--liveness", f"http://127.0.0.1:{port}/healthz", *args], log, env)
     try:

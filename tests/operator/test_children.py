@@ -46,7 +46,7 @@ CASES: dict[str, dict[str, Any]] = {
         "decode": {"replicas": 4, "gpus": 1},
         "transfer": {"transport": "nixl", "codec": "cachegen", "level": "low",
                      "blockSize": 32, "chunkTokens": 512, "failurePolicy": "fail",
-                     "timeoutMs": 2000},
+                     "timeoutMs": 2000, "tls": {"secretName": "llama-peer-certs"}},
         "router": {"replicas": 2, "serviceType": "LoadBalancer", "port": 80},
         "sidecar": {"image": "registry.example/kvpool:0.1.0",
                     "resources": {"requests": {"cpu": 2, "memory": "8Gi"}}},

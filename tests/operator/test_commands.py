@@ -30,6 +30,7 @@ POOLS: dict[str, dict[str, Any]] = {
     "lossless": {**CASES["minimal"], "transfer": {"lossless": True, "timeoutMs": 30000}},
     "fixed-level": {**CASES["minimal"],
                     "transfer": {"level": "high", "ttftTargetMs": 500, "chunkTokens": 512}},
+    "plaintext": {**CASES["minimal"], "transfer": {"tls": {"mode": "plaintext"}}},
 }
 
 
@@ -124,16 +125,30 @@ def test_sidecar_command_parses_with_the_pools_transfer_settings(case: str, role
     assert args.level == children.sidecar_level(spec.transfer)
     assert args.ttft_target_ms == spec.transfer.ttft_target_ms
     assert args.transfer_timeout_s == spec.transfer.timeout_ms / 1000
+    sidecar = next(c for c in pod.spec["containers"] if c["name"] == "sidecar")
+    secret = children.tls_secret_name("demo", spec)
     for probe in ("readinessProbe", "livenessProbe"):
-        sidecar = next(c for c in pod.spec["containers"] if c["name"] == "sidecar")
-        assert sidecar[probe]["grpc"]["port"] == port_of(args.peer)
+        if secret is None:  # plaintext: the gRPC health service on the peer port
+            assert sidecar[probe]["grpc"]["port"] == port_of(args.peer)
+        else:  # kubelet's gRPC probe cannot speak mTLS: the metrics port's HTTP
+            assert sidecar[probe]["httpGet"] == {"path": "/transfer/health", "port": "metrics"}
+    if secret is None:
+        assert not args.tls_dir
+        return
+    # --tls-dir is where the pool's Secret is mounted, read-only.
+    volume = next(v["name"] for v in pod.spec["volumes"]
+                  if v.get("secret", {}).get("secretName") == secret)
+    mount = next(m for m in sidecar["volumeMounts"] if m["name"] == volume)
+    assert mount["mountPath"] == args.tls_dir and mount["readOnly"] is True
+    assert not any(m["name"] == volume for c in pod.spec["containers"] if c["name"] != "sidecar"
+                   for m in c.get("volumeMounts", []))
 
 
 def test_sidecar_levels_follow_codec_and_lossless() -> None:
     levels = {case: kvpool_args(Pod(rendered(case), "demo-prefill").argv["sidecar"]).level
               for case in POOLS}
     assert levels == {"minimal": "adaptive", "full": "low", "raw": "raw",
-                      "lossless": "lossless", "fixed-level": "high"}
+                      "lossless": "lossless", "fixed-level": "high", "plaintext": "adaptive"}
 
 
 @pytest.mark.parametrize("case", sorted(POOLS))

@@ -56,7 +56,8 @@ def test_crd_names_scale_and_columns() -> None:
     assert version["name"] == "v1alpha1" and version["subresources"]["status"] == {}
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.decode.replicas"
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Prefill", "Decode", "Transport", "Codec", "Ready", "Endpoint", "Age"]
+    assert columns == ["Prefill", "Decode", "Transport", "Codec", "Ready", "Transfers", "Saved",
+                       "Endpoint", "Age"]
 
 
 def test_cli_prints_the_crd(capsys: pytest.CaptureFixture[str]) -> None:

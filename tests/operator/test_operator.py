@@ -6,13 +6,16 @@ Deployment controller itself by writing the Deployments' status.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvpool.operator import api, kube
+from kvpool.sidecar import tls
 from tests.operator.conftest import wait_for
 
 NS = "default"
@@ -225,3 +228,41 @@ def test_liveness_endpoint_reports_pools(operator: tuple[Any, int]) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
         assert response.status == 200
         assert "pools" in json.loads(response.read())
+
+
+def test_mtls_secret_is_generated_once_owned_and_mounted(client: kube.Client,
+                                                         tmp_path: Path) -> None:
+    created = client.create(manifest("tango"))
+    wait_for(lambda: settled(client, "tango", 1), what="tango created")
+    secret = wait_for(lambda: client.get("v1", "Secret", NS, "tango-sidecar-tls"),
+                      what="tango's TLS Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    (ref,) = secret["metadata"]["ownerReferences"]
+    assert ref["uid"] == created["metadata"]["uid"]
+    for name, data in secret["data"].items():  # a bundle the sidecar accepts
+        (tmp_path / name).write_bytes(base64.b64decode(data))
+    tls.load_bundle(tmp_path)
+    decode = children_of(client, "tango")["Deployment", "tango-decode"]
+    volumes = decode["spec"]["template"]["spec"]["volumes"]
+    assert {"secretName": "tango-sidecar-tls", "defaultMode": 0o440} in \
+        [v.get("secret") for v in volumes]
+    assert "--tls-dir" in container(decode, "sidecar")["args"]
+
+    patch_pool(client, "tango", {"decode": {"replicas": 2}})
+    wait_for(lambda: settled(client, "tango", 2), what="tango generation 2")
+    again = client.get("v1", "Secret", NS, "tango-sidecar-tls")
+    assert again["data"] == secret["data"], "the certificates were generated anew"
+
+
+def test_named_secret_or_plaintext_generates_none(client: kube.Client) -> None:
+    client.create(manifest("uniform", transfer={"tls": {"secretName": "uniform-certs"}}))
+    client.create(manifest("victor", transfer={"tls": {"mode": "plaintext"}}))
+    for name in ("uniform", "victor"):
+        wait_for(lambda name=name: settled(client, name, 1), what=f"{name} created")
+        assert client.get("v1", "Secret", NS, f"{name}-sidecar-tls") is None
+    named = children_of(client, "uniform")["Deployment", "uniform-prefill"]
+    assert {"secretName": "uniform-certs", "defaultMode": 0o440} in \
+        [v.get("secret") for v in named["spec"]["template"]["spec"]["volumes"]]
+    plain = children_of(client, "victor")["Deployment", "victor-prefill"]
+    assert "--tls-dir" not in container(plain, "sidecar")["args"]
+    assert "grpc" in container(plain, "sidecar")["readinessProbe"]

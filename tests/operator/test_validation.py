@@ -78,6 +78,9 @@ CEL_BAD = {
                      "cachegen codec only"),
     "gpu-in-resources": (with_("minimal", decode__resources={"limits": {"nvidia.com/gpu": 1}}),
                          "GPUs are set with the role's gpus field"),
+    "secret-without-mtls": (with_("minimal", transfer__tls={"mode": "plaintext",
+                                                            "secretName": "certs"}),
+                            "secretName applies to mode mTLS only"),
     "gpu-in-sidecar": (with_("minimal", sidecar__resources={"requests": {"nvidia.com/gpu": 1}}),
                        "GPUs are set with the role's gpus field"),
 }

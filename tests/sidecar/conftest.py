@@ -70,22 +70,34 @@ class Process:
 
 
 class SidecarProcess(Process):
-    def __init__(self, name: str, folder: Path, level: str = "raw"):
+    """``kvpool sidecar`` as a process; ``wait=False`` returns at once (call
+    :meth:`wait_ready`), so that several start together."""
+
+    def __init__(self, name: str, folder: Path, level: str = "raw", *,
+                 peer: str = "127.0.0.1:0", transfer_timeout: float = 60,
+                 lease: float | None = None, wait: bool = True):
         self.socket = folder / f"{name}.sock"
-        ready = folder / f"{name}.ready"
-        ready.unlink(missing_ok=True)
+        self.ready = folder / f"{name}.ready"
+        self.ready.unlink(missing_ok=True)
+        lease_args = ["--lease", str(lease)] if lease is not None else []
         super().__init__(name, [
             sys.executable, "-m", "kvpool", "sidecar", "--local", f"unix://{self.socket}",
-            "--peer", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--level", level,
-            "--transfer-timeout", "60", "--ready-file", str(ready),
+            "--peer", peer, "--metrics", "127.0.0.1:0", "--level", level,
+            "--transfer-timeout", str(transfer_timeout), *lease_args,
+            "--ready-file", str(self.ready),
         ], folder)
-        deadline = time.monotonic() + 60
-        while not ready.exists():
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 60) -> SidecarProcess:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.exists():
             if not self.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"sidecar {name} did not start:\n{self.tail()}")
+                raise RuntimeError(f"sidecar {self.name} did not start:\n{self.tail()}")
             time.sleep(0.1)
-        info = json.loads(ready.read_text())
+        info = json.loads(self.ready.read_text())
         self.peer, self.metrics = info["peer"], info["metrics"]
+        return self
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of the sidecar's Prometheus metrics (0 when absent)."""
