@@ -17,12 +17,16 @@ processes on the machine weighs on both alike; ``grpc_vs_tcp`` is the median of 
 per-pair ratios, ``grpc_vs_tcp_runs`` every pair's ratio (the spread). Where other work
 competes for the CPUs, the CPU time each side spends per byte (``cpu_ns_per_byte``, sender
 and receiver processes, all their threads) is the steadier figure.
+
+``kvpool bench e2e`` reports it with its engine runs; ``kvpool bench stream --json`` alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
+import json
 import multiprocessing
 import os
 import resource
@@ -220,3 +224,21 @@ def grpc_vs_tcp(mib: int = 128, repeats: int = 7, chunk_mib: float = 4) -> dict[
                                 for side in ("grpc", "tcp")},
         },
     }  # fmt: skip
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the JSON object only")
+    parser.add_argument("--mib", type=int, default=128, help="MiB of the transfer of each run")
+    parser.add_argument("--chunk-mib", type=float, default=4, help="MiB per chunk")
+    parser.add_argument("--repeats", type=int, default=7, help="gRPC/TCP pairs measured")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mib < 1 or args.repeats < 1 or args.chunk_mib <= 0:
+        raise SystemExit("kvpool bench stream: --mib, --repeats and --chunk-mib must be positive")
+    result = grpc_vs_tcp(args.mib, repeats=args.repeats, chunk_mib=args.chunk_mib)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0

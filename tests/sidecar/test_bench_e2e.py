@@ -45,3 +45,10 @@ def test_grpc_vs_tcp_measures_both() -> None:
     assert len(result["grpc_vs_tcp_runs"]) == 2
     assert min(result["grpc_vs_tcp_runs"]) <= result["grpc_vs_tcp"] <= max(result["grpc_vs_tcp_runs"])
     assert result["grpc_stream"]["mib"] == 8 and result["grpc_stream"]["chunk_bytes"] == 1 << 20
+
+
+def test_stream_benchmark_refuses_bad_sizes() -> None:
+    parser = argparse.ArgumentParser()
+    bench_stream.configure(parser)
+    with pytest.raises(SystemExit, match="must be positive"):
+        bench_stream.run(parser.parse_args(["--mib", "0"]))
