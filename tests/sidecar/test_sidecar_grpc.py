@@ -219,6 +219,25 @@ async def test_push_raises_what_its_messages_raised(pair):
     await transport.close()
 
 
+async def test_peers_built_from_the_proto_interoperate(pair):
+    # The Peer service (de)serializes chunks itself (kvpool.sidecar.peerwire): a client
+    # generated from sidecar.proto still reads and writes the same stream.
+    (prefill, decode), (p_local, _) = pair
+    await put_transfer(p_local, "t15", list(range(16)), [(0, 16)])
+    async with grpc.aio.insecure_channel(prefill.peer_address) as channel:
+        got = [m async for m in pb_grpc.PeerStub(channel).Pull(
+            pb.PullRequest(transfer_id="t15", model=MODEL))]
+    assert [m.WhichOneof("item") for m in got] == ["header", *["chunk"] * LAYERS, "end"]
+    assert all(checksum(m.chunk.payload) == m.chunk.crc32c for m in got[1:-1])
+    got[0].header.transfer_id = "t16"
+    async with grpc.aio.insecure_channel(decode.peer_address) as channel:
+        reply = await pb_grpc.PeerStub(channel).Push(iter(got))
+    assert reply.chunks == LAYERS
+    pushed = decode.store.get("t16")
+    assert pushed.end is not None and [c.payload for c in pushed.chunks] == [
+        m.chunk.payload for m in got[1:-1]]
+
+
 async def test_corrupt_chunk_is_refused_by_checksum(pair):
     (_prefill, decode), _ = pair
     transfer = decode.store.open("t6", MODEL)
