@@ -36,6 +36,7 @@ BENCHMARKS: tuple[Command, ...] = (
     Command("codec", "kvpool.kernels.bench", "codec ratio, quality and speed on real KV"),
     Command("transfer", "kvpool.sidecar.bench_transfer", "KV transport throughput and adaptivity"),
     Command("e2e", "kvpool.sidecar.bench_e2e", "TTFT and exposed KV time, single engine vs P/D"),
+    Command("stream", "kvpool.sidecar.bench_stream", "the sidecars' gRPC KV stream vs plain TCP"),
     Command("operator", "kvpool.operator.bench", "operator reconcile latency and memory"),
 )
 

@@ -129,7 +129,7 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def load_causal_lm(
-    model: str | os.PathLike[str] | None = None, *, dtype: "torch.dtype | None" = None
+    model: str | os.PathLike[str] | None = None, *, dtype: torch.dtype | None = None
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` with transformers on the CPU, in eval mode."""
     import torch

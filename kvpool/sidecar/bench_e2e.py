@@ -19,8 +19,8 @@ tc tbf; see :mod:`kvpool.sidecar.netns`). The engines stay in the host namespace
 their sidecar over its unix socket; the router tells prefill to push the KV to the decode
 sidecar while it computes it. ``single`` does not use the link: it is measured once and
 reported in every scenario. ``wire_bytes`` (per request, from the prefill sidecar's
-metrics) are measured on loopback. ``grpc_vs_tcp`` compares a gRPC byte stream (the
-sidecars' channel options) with a plain TCP socket sending the same bytes on loopback.
+metrics) are measured on loopback. ``grpc_vs_tcp`` compares the sidecars' own gRPC KV stream
+with a plain TCP socket moving the same chunks on loopback (:mod:`kvpool.sidecar.bench_stream`).
 
 One JSON object goes to stdout; progress to stderr.
 """
@@ -31,8 +31,6 @@ import argparse
 import contextlib
 import json
 import math
-import multiprocessing
-import socket
 import statistics
 import tempfile
 import time
@@ -44,7 +42,7 @@ from typing import Any
 from rich.console import Console
 
 from kvpool import launch, models
-from kvpool.sidecar import completions, netns, vllm_args
+from kvpool.sidecar import bench_stream, completions, netns, vllm_args
 
 SCENARIOS = {"loopback": None, "link_1gbit": "1gbit", "link_100mbit": "100mbit"}
 """Scenario name -> tc rate of the link between the sidecars (None: loopback)."""
@@ -70,8 +68,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grpc-mib",
         type=int,
-        default=256,
-        help="MiB sent per gRPC / TCP throughput run (0: skip grpc_vs_tcp)",
+        default=128,
+        help="MiB of the transfer sent per gRPC / TCP throughput run (0: skip grpc_vs_tcp)",
+    )
+    parser.add_argument(
+        "--grpc-chunk-mib", type=float, default=4, help="MiB per chunk of those runs"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="folder for logs and sockets")
     parser.add_argument("--plot", type=Path, default=None, help="also draw TTFT bars into this PNG")
@@ -213,93 +214,6 @@ class Bench:
         return samples
 
 
-# -- gRPC stream against a plain TCP socket on loopback ---------------------------------
-
-_CHUNK = 4 << 20
-
-
-def _grpc_receiver(port_queue: Any) -> None:
-    from concurrent import futures
-
-    import grpc
-
-    from kvpool.sidecar.transport import CHANNEL_OPTIONS
-
-    def sink(request_iterator: Iterator[bytes], context: Any) -> bytes:
-        total = 0
-        for message in request_iterator:
-            total += len(message)
-        return str(total).encode()
-
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Sink", {"Send": grpc.stream_unary_rpc_method_handler(sink)}
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    port_queue.put(port)
-    server.wait_for_termination()
-
-
-def _tcp_receiver(port_queue: Any) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port_queue.put(server.getsockname()[1])
-        while True:
-            conn, _ = server.accept()
-            with conn:
-                buffer = bytearray(_CHUNK)
-                total = 0
-                while read := conn.recv_into(buffer):
-                    total += read
-                conn.sendall(str(total).encode())
-
-
-def grpc_vs_tcp(mib: int, repeats: int = 3) -> dict[str, float]:
-    """Best-of-``repeats`` throughput (GB/s) of ``mib`` MiB over a gRPC client stream of
-    4 MiB messages and over a TCP socket, each received by another process."""
-    import grpc
-
-    from kvpool.sidecar.transport import CHANNEL_OPTIONS
-
-    ctx = multiprocessing.get_context("spawn")
-    payload = bytes(_CHUNK)
-    count = max(1, (mib << 20) // _CHUNK)
-    total = count * _CHUNK
-    queue: Any = ctx.Queue()
-    receivers = [ctx.Process(target=t, args=(queue,), daemon=True)
-                 for t in (_grpc_receiver, _tcp_receiver)]  # fmt: skip
-    try:
-        receivers[0].start()
-        grpc_port = queue.get(timeout=60)
-        receivers[1].start()
-        tcp_port = queue.get(timeout=60)
-        best_grpc = best_tcp = 0.0
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=CHANNEL_OPTIONS) as channel:
-            send = channel.stream_unary("/bench.Sink/Send")
-            send(iter([payload]), timeout=60)  # warm the connection
-            for _ in range(repeats):
-                started = time.perf_counter()
-                got = int(send(iter([payload] * count), timeout=600))
-                best_grpc = max(best_grpc, total / (time.perf_counter() - started) / 1e9)
-                assert got == total, (got, total)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            with socket.create_connection(("127.0.0.1", tcp_port)) as conn:
-                view = memoryview(payload)
-                for _ in range(count):
-                    conn.sendall(view)
-                conn.shutdown(socket.SHUT_WR)
-                got = int(conn.recv(64))
-            best_tcp = max(best_tcp, total / (time.perf_counter() - started) / 1e9)
-            assert got == total, (got, total)
-    finally:
-        for receiver in receivers:
-            receiver.kill()
-    return {"grpc_gbps": round(best_grpc, 3), "tcp_gbps": round(best_tcp, 3),
-            "grpc_vs_tcp": round(best_grpc / best_tcp, 3)}  # fmt: skip
-
-
 # -- the command --------------------------------------------------------------------------
 
 
@@ -325,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.grpc_mib > 0:
         console.print("[bold]gRPC stream vs TCP socket[/] on loopback ...")
-        result.update(grpc_vs_tcp(args.grpc_mib))
+        result.update(bench_stream.grpc_vs_tcp(args.grpc_mib, chunk_mib=args.grpc_chunk_mib))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kvpool-bench-"))
     levels = {"pd_raw": "raw", "pd_cachegen": args.level}
     with launch.Launcher(workdir) as launcher:

@@ -39,7 +39,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvpool.sidecar import adaptive, codec, tls
+from kvpool.sidecar import adaptive, codec, malloc, peerwire, tls
 from kvpool.sidecar import health as transfer_health
 from kvpool.sidecar.metrics import SidecarMetrics
 from kvpool.sidecar.proto import sidecar_pb2 as pb
@@ -86,6 +86,10 @@ class SidecarConfig:
     nixl_slot_bytes: int = 16 << 20
     """NIXL transport: the largest encoded chunk."""
 
+
+CANCEL_GRACE_S = 0.5
+"""How long a Push handler whose request stream ended without the transfer's end waits
+for the call's cancellation before it blames the sender for closing early."""
 
 ADAPTIVE = "adaptive"
 """The level that lets :mod:`kvpool.sidecar.adaptive` pick one per chunk."""
@@ -139,6 +143,7 @@ class Sidecar:
 
     async def start(self) -> dict[str, str]:
         """Listen on every address; returns where (``local``, ``peer``, ``metrics``)."""
+        malloc.tune()  # chunks are MiB-sized: reuse their memory instead of faulting it in
         options = CHANNEL_OPTIONS
         health_servicer = health.aio.HealthServicer()
         local = grpc.aio.server(options=options)
@@ -147,7 +152,7 @@ class Sidecar:
         if not local.add_insecure_port(self.config.local):
             raise OSError(f"cannot listen on {self.config.local}")
         peer = grpc.aio.server(options=options)
-        pb_grpc.add_PeerServicer_to_server(PeerService(self), peer)
+        peer.add_generic_rpc_handlers((peerwire.handler(PeerService(self)),))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, peer)
         host, _, _ = self.config.peer.rpartition(":")
         if self.tls is None:
@@ -254,7 +259,7 @@ class Sidecar:
         async for message in messages:
             start = time.perf_counter()
             yield message
-            if self.policy is not None and message.WhichOneof("item") == "chunk":
+            if self.policy is not None and message.chunk is not None:
                 self.policy.estimator.observe(
                     len(message.chunk.payload) or len(message.chunk.nixl_location),
                     time.perf_counter() - start)
@@ -269,9 +274,11 @@ class Sidecar:
 
     async def _push(self, transfer: Transfer, peer: str) -> None:
         timeout = self.config.transfer_timeout_s
+        messages = transfer.messages(timeout, end_on_failure=True)
         try:
-            chunks = await self.transport.push(
-                peer, self.measured(transfer.messages(timeout)), timeout=timeout)
+            chunks = await self.transport.push(peer, self.measured(messages), timeout=timeout)
+            if transfer.error is not None:  # the stream ended with a failed end
+                raise transfer.error
         except (TransportError, TransferFailed) as exc:
             # Decode recomputes (or is gone): what is held here is of no use any more.
             transfer.fail("push", f"the push to {peer} failed: {exc}")
@@ -285,9 +292,9 @@ class Sidecar:
         finally:
             self._pushing.discard(transfer.transfer_id)
 
-    def receive(self, transfer: Transfer, message: pb.PeerMessage) -> None:
+    def receive(self, transfer: Transfer, message: peerwire.Message) -> None:
         """Add one message from a peer stream to ``transfer``, checking chunk checksums."""
-        kind = message.WhichOneof("item")
+        kind = message.kind
         if kind == "header":
             if message.header.transfer_id != transfer.transfer_id:
                 transfer.fail("peer", f"stream carries transfer {message.header.transfer_id}")
@@ -349,8 +356,10 @@ class LocalService(pb_grpc.LocalServicer):
             codec.check_level(level)
             payload = await s.run_codec("encode", codec.encode, raw, level,
                                              request.num_layers)
-            transfer.add(pb.WireChunk(
-                key=raw.key, level=level, payload=payload, crc32c=checksum(payload),
+            key = pb.ChunkKey()
+            key.CopyFrom(raw.key)  # not a view: it would keep the whole request alive
+            transfer.add(peerwire.Chunk(
+                key=key, level=level, payload=payload, crc32c=checksum(payload),
                 raw_bytes=len(raw.keys) + len(raw.values),
             ))
         except (ValueError, TransferFailed) as exc:
@@ -446,10 +455,9 @@ class PeerService(pb_grpc.PeerServicer):
         try:
             async for message in s.transport.outgoing(
                     s.measured(transfer.messages(s.config.transfer_timeout_s))):
-                kind = message.WhichOneof("item")
-                if kind == "chunk":
+                if message.chunk is not None:
                     s.metrics.wire_bytes.labels("sent").inc(len(message.chunk.payload))
-                settled = kind == "end"
+                settled = message.end is not None
                 yield message
         except TransferFailed as exc:
             settled = True
@@ -469,7 +477,7 @@ class PeerService(pb_grpc.PeerServicer):
         try:
             async for message in request_iterator:
                 if transfer is None:
-                    if message.WhichOneof("item") != "header":
+                    if message.header is None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                             "a pushed stream starts with its header")
                     transfer = s.store.open(message.header.transfer_id, message.header.model)
@@ -480,10 +488,19 @@ class PeerService(pb_grpc.PeerServicer):
                     continue
                 s.receive(transfer, message)
             if transfer is not None and not transfer.done:
-                transfer.fail("peer", "the pushed stream ended early")
-        except (asyncio.CancelledError, grpc.aio.AioRpcError, TransferFailed) as exc:
+                # A call the sender cancelled (its deadline, its channel closed, its
+                # process gone) ends the request stream here like a close does, and
+                # the cancellation lands on this task just after: wait for it.
+                await asyncio.sleep(CANCEL_GRACE_S)
+                transfer.fail("peer", "the sender closed the pushed stream before its end")
+        except asyncio.CancelledError:
             if transfer is not None:
-                transfer.fail("peer", f"the pushed stream broke: {exc!r}")
+                transfer.fail("peer", "the pushed stream was cancelled: the sender gave up "
+                              "(deadline, connection lost; see its log)")
+            raise
+        except (grpc.aio.AioRpcError, TransferFailed) as exc:
+            if transfer is not None:
+                transfer.fail("peer", f"the pushed stream broke: {exc}")
             raise
         return pb.PushReply(chunks=len(transfer.chunks) if transfer else 0)
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from kvpool.sidecar.peerwire import Chunk, Message
 from kvpool.sidecar.proto import sidecar_pb2 as pb
 
 
@@ -32,7 +33,7 @@ class Transfer:
     model: str
     expires_at: float
     """time.monotonic() after which the store drops this transfer."""
-    chunks: list[pb.WireChunk] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
     end: pb.TransferEnd | None = None
     error: TransferFailed | None = None
     raw_bytes: int = 0
@@ -48,7 +49,7 @@ class Transfer:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def add(self, chunk: pb.WireChunk) -> None:
+    def add(self, chunk: Chunk) -> None:
         if self.done:
             raise TransferFailed("producer", f"transfer {self.transfer_id} is already closed")
         self.chunks.append(chunk)
@@ -60,7 +61,7 @@ class Transfer:
         if self.done:
             return
         if end.failed:
-            self.fail("producer", "the producer marked it failed")
+            self.fail("producer", "its producer (connector or sending sidecar) gave up on it")
             return
         self.end = end
         self._notify()
@@ -79,7 +80,7 @@ class Transfer:
         """Bytes of encoded chunks this transfer keeps in memory now."""
         return sum(len(c.payload) for c in self.chunks)
 
-    async def follow(self, timeout: float) -> AsyncIterator[pb.WireChunk | pb.TransferEnd]:
+    async def follow(self, timeout: float) -> AsyncIterator[Chunk | pb.TransferEnd]:
         """Every chunk, from the first, as it arrives, then the end. Raises TransferFailed
         when the transfer fails or nothing completes it within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
@@ -110,15 +111,23 @@ class Transfer:
             except TimeoutError:
                 continue
 
-    async def messages(self, timeout: float) -> AsyncIterator[pb.PeerMessage]:
-        """The transfer as a peer stream: header, chunks, end."""
-        header = pb.TransferHeader(transfer_id=self.transfer_id, model=self.model)
-        yield pb.PeerMessage(header=header)
-        async for item in self.follow(timeout):
-            if isinstance(item, pb.WireChunk):
-                yield pb.PeerMessage(chunk=item)
-            else:
-                yield pb.PeerMessage(end=item)
+    async def messages(self, timeout: float, *, end_on_failure: bool = False
+                       ) -> AsyncIterator[Message]:
+        """The transfer as a peer stream: header, chunks, end. When the transfer fails,
+        raises TransferFailed, or with ``end_on_failure`` ends the stream with a failed
+        end (so that the receiver learns it, where an exception would only cancel the
+        call; the reason stays in ``self.error``)."""
+        yield Message(header=pb.TransferHeader(transfer_id=self.transfer_id, model=self.model))
+        try:
+            async for item in self.follow(timeout):
+                if isinstance(item, Chunk):
+                    yield Message(chunk=item)
+                else:
+                    yield Message(end=item)
+        except TransferFailed:
+            if not end_on_failure:
+                raise
+            yield Message(end=pb.TransferEnd(chunks=len(self.chunks), failed=True))
 
 
 class TransferStore:
@@ -133,6 +142,10 @@ class TransferStore:
 
     def get(self, transfer_id: str) -> Transfer | None:
         return self._transfers.get(transfer_id)
+
+    def transfers(self) -> list[Transfer]:
+        """Every transfer held now."""
+        return list(self._transfers.values())
 
     def open(self, transfer_id: str, model: str) -> Transfer:
         """The transfer with this id, created when new; ValueError when the model differs."""

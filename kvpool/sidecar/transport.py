@@ -1,8 +1,9 @@
 """How encoded chunks travel between sidecars.
 
 :class:`PeerTransport` is the interface the sidecar uses; a transfer crosses it as a
-stream of :class:`PeerMessage` (a header, chunks, an end). :class:`GrpcTransport`
-implements it with the ``Peer`` gRPC service: HTTP/2 flow control paces the stream,
+stream of :class:`~kvpool.sidecar.peerwire.Message` (a header, chunks, an end).
+:class:`GrpcTransport` implements it with the ``Peer`` gRPC service (its messages
+(de)serialized by :mod:`kvpool.sidecar.peerwire`): HTTP/2 flow control paces the stream,
 each call carries a deadline, and each chunk a CRC-32C of its payload (checked by the
 receiving sidecar), over plaintext or mutual TLS (:mod:`kvpool.sidecar.tls`). Other
 transports (NIXL: :mod:`kvpool.sidecar.transport_nixl`) keep the stream for control and
@@ -12,12 +13,13 @@ move payloads their own way, through the ``outgoing`` and ``incoming`` hooks.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
+from kvpool.sidecar.peerwire import Message, PeerStub
 from kvpool.sidecar.proto import sidecar_pb2 as pb
-from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 256 << 20
 """Largest gRPC message accepted or sent (a chunk: one layer of a prefill step)."""
@@ -29,6 +31,12 @@ CHANNEL_OPTIONS = (
     ("grpc.http2.bdp_probe", 1),
     ("grpc.http2.lookahead_bytes", 4 << 20),
 )
+
+
+def _current_task_cancelling() -> bool:
+    """Whether this task itself is being cancelled (not just a call it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class TransportError(RuntimeError):
@@ -50,24 +58,24 @@ class PeerTransport(abc.ABC):
     @abc.abstractmethod
     def pull(
         self, peer: str, transfer_id: str, model: str, *, timeout: float
-    ) -> AsyncIterator[pb.PeerMessage]:
+    ) -> AsyncIterator[Message]:
         """The transfer held by ``peer``, as it is produced: header, chunks, end."""
 
     @abc.abstractmethod
     async def push(
-        self, peer: str, messages: AsyncIterator[pb.PeerMessage], *, timeout: float
+        self, peer: str, messages: AsyncIterator[Message], *, timeout: float
     ) -> int:
         """Stream a transfer to ``peer``; returns how many chunks it took."""
 
     async def outgoing(
-        self, messages: AsyncIterator[pb.PeerMessage]
-    ) -> AsyncIterator[pb.PeerMessage]:
+        self, messages: AsyncIterator[Message]
+    ) -> AsyncIterator[Message]:
         """A transfer's messages as this transport puts them on the peer stream (the
         sending side of ``Pull`` calls this; ``push`` does it itself)."""
         async for message in messages:
             yield message
 
-    async def incoming(self, message: pb.PeerMessage) -> pb.PeerMessage:
+    async def incoming(self, message: Message) -> Message:
         """The inverse of ``outgoing`` for one message (the receiving side of ``Push``
         calls this; ``pull`` does it itself). Raises TransportError."""
         return message
@@ -87,7 +95,7 @@ class GrpcTransport(PeerTransport):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._credentials = credentials
 
-    def _stub(self, peer: str) -> pb_grpc.PeerStub:
+    def _stub(self, peer: str) -> PeerStub:
         channel = self._channels.get(peer)
         if channel is None:
             if self._credentials is None:
@@ -99,11 +107,11 @@ class GrpcTransport(PeerTransport):
                     peer, self._credentials, options=CHANNEL_OPTIONS + tuple(tls.channel_options())
                 )
             self._channels[peer] = channel
-        return pb_grpc.PeerStub(channel)
+        return PeerStub(channel)
 
     async def pull(
         self, peer: str, transfer_id: str, model: str, *, timeout: float
-    ) -> AsyncIterator[pb.PeerMessage]:
+    ) -> AsyncIterator[Message]:
         call = self._stub(peer).Pull(
             pb.PullRequest(transfer_id=transfer_id, model=model), timeout=timeout
         )
@@ -116,12 +124,27 @@ class GrpcTransport(PeerTransport):
             call.cancel()
 
     async def push(
-        self, peer: str, messages: AsyncIterator[pb.PeerMessage], *, timeout: float
+        self, peer: str, messages: AsyncIterator[Message], *, timeout: float
     ) -> int:
+        failed: list[BaseException] = []
+
+        async def watched() -> AsyncIterator[Message]:
+            try:
+                async for message in messages:
+                    yield message
+            except Exception as exc:
+                failed.append(exc)
+                raise
+
         try:
-            reply = await self._stub(peer).Push(messages, timeout=timeout)
+            reply = await self._stub(peer).Push(watched(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _error(f"push to {peer}", exc) from exc
+        except asyncio.CancelledError:
+            # gRPC cancels the call when the messages raise: that error is the news
+            if failed and not _current_task_cancelling():
+                raise failed[0] from None
+            raise
         return reply.chunks
 
     async def close(self) -> None:

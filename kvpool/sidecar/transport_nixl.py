@@ -452,28 +452,28 @@ class NixlPeerTransport(transport.GrpcTransport):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def outgoing(self, messages):
+        import dataclasses
+
+        from kvpool.sidecar.peerwire import Message
         from kvpool.sidecar.proto import sidecar_pb2 as pb
 
         async for message in messages:
-            kind = message.WhichOneof("item")
+            kind = message.kind
             if kind == "header":
                 header = pb.TransferHeader()
                 header.CopyFrom(message.header)
                 header.nixl_metadata = self._metadata
-                message = pb.PeerMessage(header=header)
+                message = Message(header=header)
             elif kind == "chunk" and message.chunk.payload:
                 loc = await self._run(self.source.publish, message.chunk.payload, self.timeout_s)
-                chunk = pb.WireChunk()
-                chunk.CopyFrom(message.chunk)
-                chunk.payload = b""
-                chunk.nixl_location = loc.to_bytes()
-                message = pb.PeerMessage(chunk=chunk)
+                message = Message(chunk=dataclasses.replace(
+                    message.chunk, payload=b"", nixl_location=loc.to_bytes()))
             yield message
 
     async def incoming(self, message):
         import hashlib
 
-        kind = message.WhichOneof("item")
+        kind = message.kind
         if kind == "header" and message.header.nixl_metadata:
             digest = hashlib.sha256(message.header.nixl_metadata).digest()
             if digest not in self._agents:

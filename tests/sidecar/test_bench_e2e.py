@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from kvpool.sidecar import bench_e2e
+from kvpool.sidecar import bench_e2e, bench_stream
 
 
 def test_percentiles() -> None:
@@ -40,8 +40,15 @@ def test_prompts_are_distinct_and_sized(model_path) -> None:
 
 
 def test_grpc_vs_tcp_measures_both() -> None:
-    result = bench_e2e.grpc_vs_tcp(16, repeats=1)
+    result = bench_stream.grpc_vs_tcp(8, repeats=2, chunk_mib=1)
     assert result["grpc_gbps"] > 0 and result["tcp_gbps"] > 0
-    assert result["grpc_vs_tcp"] == pytest.approx(
-        result["grpc_gbps"] / result["tcp_gbps"], rel=0.01
-    )
+    assert len(result["grpc_vs_tcp_runs"]) == 2
+    assert min(result["grpc_vs_tcp_runs"]) <= result["grpc_vs_tcp"] <= max(result["grpc_vs_tcp_runs"])
+    assert result["grpc_stream"]["mib"] == 8 and result["grpc_stream"]["chunk_bytes"] == 1 << 20
+
+
+def test_stream_benchmark_refuses_bad_sizes() -> None:
+    parser = argparse.ArgumentParser()
+    bench_stream.configure(parser)
+    with pytest.raises(SystemExit, match="must be positive"):
+        bench_stream.run(parser.parse_args(["--mib", "0"]))

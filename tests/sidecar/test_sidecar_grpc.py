@@ -12,10 +12,12 @@ import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvpool.sidecar import chunks, codec
+from kvpool.sidecar import chunks, codec, peerwire
 from kvpool.sidecar.proto import sidecar_pb2 as pb
 from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
 from kvpool.sidecar.server import Sidecar, SidecarConfig, checksum
+from kvpool.sidecar.store import TransferFailed
+from kvpool.sidecar.transport import GrpcTransport
 
 MODEL = "test-model"
 WIDTH = 192
@@ -164,6 +166,78 @@ async def test_producer_failure_reaches_the_reader(pair):
                                                peer=prefill.peer_address))
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait for ``condition()`` (another task's work) to hold."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "it never happened"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_pushed_transfer_that_fails_ends_its_stream_with_a_failed_end(pair):
+    # The push stream says the producer gave up (it used to be cancelled, which the
+    # decode side could only report as a stream that "ended early").
+    (prefill, decode), (p_local, d_local) = pair
+    raw, _, _ = make_chunk(0, 0, 16, list(range(16)))
+    await p_local.Put(pb.PutRequest(transfer_id="t12", model=MODEL, chunk=raw,
+                                    push_to=decode.peer_address))
+    await p_local.Seal(pb.SealRequest(transfer_id="t12", model=MODEL, num_tokens=16,
+                                      num_layers=LAYERS, failed=True, push_to=decode.peer_address))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await load_all(d_local, pb.LoadRequest(transfer_id="t12", model=MODEL, expect_push=True))
+    assert "gave up" in err.value.details()
+    await until(lambda: prefill.metrics.failures.labels("prefill", "push")._value.get() == 1)
+
+
+async def test_a_push_its_sender_abandons_fails_as_cancelled(pair):
+    (_prefill, decode), _ = pair
+    transport = GrpcTransport()
+
+    async def messages():
+        yield peerwire.Message(header=pb.TransferHeader(transfer_id="t13", model=MODEL))
+        await asyncio.Event().wait()  # the producer stalls
+
+    push = asyncio.create_task(transport.push(decode.peer_address, messages(), timeout=30))
+    await until(lambda: decode.store.get("t13") is not None)
+    await transport.close()  # the sending sidecar goes away
+    await asyncio.gather(push, return_exceptions=True)
+    transfer = decode.store.get("t13")
+    await until(lambda: transfer.error is not None)
+    assert "cancelled" in str(transfer.error)
+
+
+async def test_push_raises_what_its_messages_raised(pair):
+    (_prefill, decode), _ = pair
+    transport = GrpcTransport()
+
+    async def messages():
+        yield peerwire.Message(header=pb.TransferHeader(transfer_id="t14", model=MODEL))
+        raise TransferFailed("timeout", "the producer never finished")
+
+    with pytest.raises(TransferFailed, match="never finished"):
+        await transport.push(decode.peer_address, messages(), timeout=30)
+    await transport.close()
+
+
+async def test_peers_built_from_the_proto_interoperate(pair):
+    # The Peer service (de)serializes chunks itself (kvpool.sidecar.peerwire): a client
+    # generated from sidecar.proto still reads and writes the same stream.
+    (prefill, decode), (p_local, _) = pair
+    await put_transfer(p_local, "t15", list(range(16)), [(0, 16)])
+    async with grpc.aio.insecure_channel(prefill.peer_address) as channel:
+        got = [m async for m in pb_grpc.PeerStub(channel).Pull(
+            pb.PullRequest(transfer_id="t15", model=MODEL))]
+    assert [m.WhichOneof("item") for m in got] == ["header", *["chunk"] * LAYERS, "end"]
+    assert all(checksum(m.chunk.payload) == m.chunk.crc32c for m in got[1:-1])
+    got[0].header.transfer_id = "t16"
+    async with grpc.aio.insecure_channel(decode.peer_address) as channel:
+        reply = await pb_grpc.PeerStub(channel).Push(iter(got))
+    assert reply.chunks == LAYERS
+    pushed = decode.store.get("t16")
+    assert pushed.end is not None and [c.payload for c in pushed.chunks] == [
+        m.chunk.payload for m in got[1:-1]]
+
+
 async def test_corrupt_chunk_is_refused_by_checksum(pair):
     (_prefill, decode), _ = pair
     transfer = decode.store.open("t6", MODEL)
@@ -171,7 +245,8 @@ async def test_corrupt_chunk_is_refused_by_checksum(pair):
     payload = codec.encode(raw, "raw")
     bad = pb.WireChunk(key=raw.key, level="raw", payload=payload[:-1] + b"\x00",
                        crc32c=checksum(payload), raw_bytes=len(payload))
-    decode.receive(transfer, pb.PeerMessage(chunk=bad))
+    wire = pb.PeerMessage(chunk=bad).SerializeToString()  # as a generated stub sends it
+    decode.receive(transfer, peerwire.parse(wire))
     assert transfer.error is not None and transfer.error.reason == "checksum"
 
 
