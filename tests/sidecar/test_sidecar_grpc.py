@@ -303,15 +303,15 @@ async def test_codec_levels_through_two_sidecars(pair, level):
 
 async def test_each_layer_codes_with_its_bins_over_the_model_depth(pair):
     """The connector names the model's layer count: a one-layer chunk takes the bins of its
-    layer in the level's schedule (``low`` changes them past 15 % of the depth)."""
-    if "low" not in codec.levels():
+    layer in the level's schedule (``lowest`` changes them past 10 % of the depth)."""
+    if "lowest" not in codec.levels():
         pytest.skip("the codec's lossy levels are not built here")
     from kvpool import kernels
 
     (prefill, _), (p_local, _) = pair
-    await put_transfer(p_local, "t11", list(range(64)), [(0, 64)], level="low",
+    await put_transfer(p_local, "t11", list(range(64)), [(0, 64)], level="lowest",
                        num_layers=LAYERS)
     bins = {c.key.layer: kernels.peek(c.payload).bins for c in prefill.store.get("t11").chunks}
-    low = kernels.levels.get("low")
-    assert bins == {i: [low.layer_bins(i, LAYERS)] for i in range(LAYERS)}
+    lowest = kernels.levels.get("lowest")
+    assert bins == {i: [lowest.layer_bins(i, LAYERS)] for i in range(LAYERS)}
     assert bins[0] != bins[LAYERS - 1]
