@@ -17,6 +17,7 @@ struct FrameParams {
 // One plane (a layer's keys or values). Offsets index the plan's float and cum arrays.
 struct PlaneDesc {
     const void* x;  // encoder input (host or device pointer), unused when decoding
+    const uint8_t* sym;  // encoder: the plane's symbols when already computed, else null
     uint32_t tokens, width;
     int32_t ha, hd;                        // half ranges (0 in lossless mode)
     uint64_t mu, sigma, scale;             // into floats: [width], [width], [tokens]
@@ -49,6 +50,7 @@ KVP_HD QuantInput quant_input(const FrameParams& f, const PlaneDesc& p, const fl
     q.mu = floats + p.mu;
     q.sigma = floats + p.sigma;
     q.scale = floats + p.scale;
+    q.sym = p.sym;
     return q;
 }
 

@@ -28,6 +28,7 @@ struct QuantInput {
     const float* mu;        // [width]
     const float* sigma;     // [width], > 0
     const float* scale;     // [tokens] token scales (filled by row_scale first)
+    const uint8_t* sym;     // [tokens, width] symbols already computed, or null
 };
 
 KVP_HD bool is_anchor(uint32_t t, uint32_t group) { return t % group == 0; }
@@ -78,6 +79,7 @@ KVP_HD int32_t row_scale(const QuantInput& in, uint32_t t, float* out) {
 
 // The symbol of element (t, c); row scales of t and of its anchor must be set.
 KVP_HD uint32_t lossy_symbol(const QuantInput& in, uint32_t t, uint32_t c) {
+    if (in.sym) return in.sym[(uint64_t)t * in.width + c];
     float y = normalized(in, t, c);
     if (is_anchor(t, in.anchor_group)) return (uint32_t)(quantize(y, in.scale[t], in.ha) + in.ha);
     float ya = anchor_value(in, t - t % in.anchor_group, c);

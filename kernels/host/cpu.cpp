@@ -66,13 +66,17 @@ std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const vo
                 parts[p].scales[t] = f32_to_bf16(floats[d.scale + t]);
         }
     }
+    std::vector<std::vector<uint8_t>> symbols(planes);  // kept by the tables pass
     if (h.lossless() || !profile) {
         parallel_for(planes, threads, "tables", [&](uint64_t p) -> int32_t {
             parts[p].freqs = h.lossless() ? lossless_tables(plan, (uint32_t)p)
-                                          : chunk_tables(plan, (uint32_t)p);
+                                          : chunk_tables(plan, (uint32_t)p, &symbols[p]);
             return kOk;
         });
-        for (uint32_t p = 0; p < planes; ++p) set_tables(plan, p, parts[p].freqs);
+        for (uint32_t p = 0; p < planes; ++p) {
+            set_tables(plan, p, parts[p].freqs);
+            if (!h.lossless()) plan.planes[p].sym = symbols[p].data();
+        }
     }
 
     std::vector<uint8_t> scratch(scratch_bytes(plan));

@@ -206,19 +206,22 @@ static std::vector<uint16_t> normalized(const std::vector<uint64_t>& counts, uin
     return freqs;
 }
 
-std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p) {
+std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p, std::vector<uint8_t>* symbols) {
     const Header& h = plan.header;
     const PlaneDesc& d = plan.planes[p];
     uint32_t n_tables = h.n_tables(p);
     uint32_t na = 2 * d.ha + 1, nd = 2 * d.hd + 1;
     std::vector<uint64_t> anchor((uint64_t)n_tables * na, 0), delta((uint64_t)n_tables * nd, 0);
+    if (symbols) symbols->resize((uint64_t)d.tokens * d.width);
     for (uint32_t t = 0; t < d.tokens; ++t) {
         bool a = is_anchor(t, h.anchor_group);
         std::vector<uint64_t>& counts = a ? anchor : delta;
         uint32_t n = a ? na : nd;
-        for (uint32_t c = 0; c < d.width; ++c)
-            counts[(uint64_t)(c / h.table_group) * n +
-                   symbol_at(plan.params, d, plan.floats.data(), t, c)]++;
+        for (uint32_t c = 0; c < d.width; ++c) {
+            uint32_t sym = symbol_at(plan.params, d, plan.floats.data(), t, c);
+            counts[(uint64_t)(c / h.table_group) * n + sym]++;
+            if (symbols) (*symbols)[(uint64_t)t * d.width + c] = (uint8_t)sym;
+        }
     }
     std::vector<uint16_t> freqs = normalized(anchor, na);
     if (h.anchor_group > 1) {

@@ -50,7 +50,10 @@ void set_tables(Plan& plan, uint32_t p, const std::vector<uint16_t>& freqs);
 
 // Symbols per table of a lossy plane with its row scales set (for tables built from the
 // chunk itself): [n_tables][anchor bins] then [n_tables][bins].
-std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p);
+// The tables of plane p from its own symbols; with `symbols`, also keeps the symbols
+// ([tokens, width]) so that the streams need not quantize again.
+std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p,
+                                   std::vector<uint8_t>* symbols = nullptr);
 
 // Byte histograms of a lossless plane: [elem bytes][256] frequencies.
 std::vector<uint16_t> lossless_tables(const Plan& plan, uint32_t p);

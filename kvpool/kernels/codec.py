@@ -236,17 +236,26 @@ def decode(
     *,
     device: str = "cpu",
     threads: int | None = None,
+    max_raw_bytes: int | None = None,
 ) -> KVCache:
     """The inverse of :func:`encode`: torch tensors on ``device`` in the chunk's dtype.
 
     Any truncated, corrupt or hostile input raises CodecError (never a crash, never
     silently wrong data). A chunk naming a profile needs that profile (else CodecError).
+    ``max_raw_bytes`` bounds what a frame may decode to (a small frame can stand for up to
+    ~500 times its size): a frame whose header asks for more is refused before anything
+    is allocated.
     """
     import torch
 
     raw, view = _buffer(data)
     _verify(raw)
     h = _header(view)
+    elem = {1: 2, 2: 2, 3: 4}[h["dtype"]]
+    raw_bytes = sum(2 * t * w * elem for t, w, *_ in h["layers"])
+    if max_raw_bytes is not None and raw_bytes > max_raw_bytes:
+        raise CodecError(f"the frame decodes to {raw_bytes} bytes, more than the "
+                         f"{max_raw_bytes} allowed")
     tables = None
     if h["flags"] & 1:
         want = h["profile_hash"].hex()

@@ -93,6 +93,15 @@ def test_exact_rows_in_a_lossless_frame_are_refused() -> None:
         peek(bytes(body))
 
 
+def test_max_raw_bytes_bounds_what_a_frame_decodes_to() -> None:
+    kv = synthetic_kv([(20, 16)])
+    data = encode(kv, "default")
+    raw = peek(data).raw_bytes
+    assert decode(data, max_raw_bytes=raw).keys[0].shape == (20, 16)
+    with pytest.raises(CodecError, match="more than"):
+        decode(data, max_raw_bytes=raw - 1)
+
+
 def test_hostile_sizes_do_not_allocate() -> None:
     """A header promising 2^32-1 tokens per layer and huge sections is refused before
     anything is allocated."""
