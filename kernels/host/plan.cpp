@@ -213,14 +213,17 @@ std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p, std::vector<uin
     uint32_t na = 2 * d.ha + 1, nd = 2 * d.hd + 1;
     std::vector<uint64_t> anchor((uint64_t)n_tables * na, 0), delta((uint64_t)n_tables * nd, 0);
     if (symbols) symbols->resize((uint64_t)d.tokens * d.width);
+    std::vector<uint64_t> table_of(d.width);  // first count of channel c's table, per role
+    for (uint32_t c = 0; c < d.width; ++c) table_of[c] = c / h.table_group;
     for (uint32_t t = 0; t < d.tokens; ++t) {
         bool a = is_anchor(t, h.anchor_group);
-        std::vector<uint64_t>& counts = a ? anchor : delta;
+        uint64_t* counts = a ? anchor.data() : delta.data();
         uint32_t n = a ? na : nd;
+        uint8_t* row = symbols ? symbols->data() + (uint64_t)t * d.width : nullptr;
         for (uint32_t c = 0; c < d.width; ++c) {
             uint32_t sym = symbol_at(plan.params, d, plan.floats.data(), t, c);
-            counts[(uint64_t)(c / h.table_group) * n + sym]++;
-            if (symbols) (*symbols)[(uint64_t)t * d.width + c] = (uint8_t)sym;
+            counts[table_of[c] * n + sym]++;
+            if (row) row[c] = (uint8_t)sym;
         }
     }
     std::vector<uint16_t> freqs = normalized(anchor, na);
