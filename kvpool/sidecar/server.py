@@ -306,8 +306,26 @@ class Sidecar:
                 return
             self.metrics.wire_bytes.labels("received").inc(len(chunk.payload))
             transfer.add(chunk)
+            self._predecode(transfer, len(transfer.chunks) - 1, chunk)
         elif kind == "end":
             transfer.finish(message.end)
+
+    def _predecode(self, transfer: Transfer, index: int, chunk: peerwire.Chunk) -> None:
+        """Start decoding a received chunk at once, in the codec threads: the reader
+        (``Load``, once decode asks for the KV) then finds it decoded, and decoding
+        overlaps the transfer instead of following it."""
+        future = asyncio.ensure_future(self.run_codec("decode", codec.decode, chunk.payload,
+                                                      chunk.level))
+        # a transfer that fails or is dropped unread leaves its decodings unawaited
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        transfer.decoded[index] = future
+
+    async def decoded(self, transfer: Transfer, index: int, chunk: peerwire.Chunk) -> pb.RawChunk:
+        """Chunk ``index`` of ``transfer`` decoded (started on receipt, or now)."""
+        future = transfer.decoded.pop(index, None)
+        if future is not None:
+            return await future
+        return await self.run_codec("decode", codec.decode, chunk.payload, chunk.level)
 
     async def pull(self, transfer: Transfer, peer: str) -> None:
         """Fill ``transfer`` from the sidecar at ``peer``."""
@@ -408,8 +426,10 @@ class LocalService(pb_grpc.LocalServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         start = time.perf_counter()
+        index = -1
         try:
             async for item in transfer.follow(s.config.transfer_timeout_s):
+                index += 1
                 if isinstance(item, pb.TransferEnd):
                     # Counted before the last reply: the connector hangs up as soon as it
                     # has it, which may close this stream at the yield.
@@ -417,8 +437,9 @@ class LocalService(pb_grpc.LocalServicer):
                     yield pb.LoadReply(end=item)
                     break
                 if item.key.token_end <= request.first_token:
+                    transfer.decoded.pop(index, None)
                     continue
-                raw = await s.run_codec("decode", codec.decode, item.payload, item.level)
+                raw = await s.decoded(transfer, index, item)
                 raw.key.CopyFrom(item.key)
                 s.health.chunk(item.level)
                 s.metrics.chunks.labels("decoded", item.level).inc()
