@@ -104,6 +104,14 @@ def checksum(payload: bytes) -> int:
     return google_crc32c.value(payload)
 
 
+def load_reply(chunk: peerwire.Chunk) -> pb.LoadReply:
+    """One encoded chunk decoded into the reply ``Load`` sends its connector (built in a
+    codec thread: the copies stay off the event loop)."""
+    reply = pb.LoadReply(chunk=codec.decode(chunk.payload, chunk.level))
+    reply.chunk.key.CopyFrom(chunk.key)
+    return reply
+
+
 class Sidecar:
     """One sidecar: its transfers, its two gRPC servers and its metrics."""
 
@@ -312,20 +320,21 @@ class Sidecar:
 
     def _predecode(self, transfer: Transfer, index: int, chunk: peerwire.Chunk) -> None:
         """Start decoding a received chunk at once, in the codec threads: the reader
-        (``Load``, once decode asks for the KV) then finds it decoded, and decoding
+        (``Load``, once decode asks for the KV) then finds its reply ready, and decoding
         overlaps the transfer instead of following it."""
-        future = asyncio.ensure_future(self.run_codec("decode", codec.decode, chunk.payload,
-                                                      chunk.level))
+        future = asyncio.ensure_future(self.run_codec("decode", load_reply, chunk))
         # a transfer that fails or is dropped unread leaves its decodings unawaited
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         transfer.decoded[index] = future
 
-    async def decoded(self, transfer: Transfer, index: int, chunk: peerwire.Chunk) -> pb.RawChunk:
-        """Chunk ``index`` of ``transfer`` decoded (started on receipt, or now)."""
+    async def load_reply(self, transfer: Transfer, index: int, chunk: peerwire.Chunk
+                         ) -> pb.LoadReply:
+        """Chunk ``index`` of ``transfer`` decoded as a Load reply (started on receipt, or
+        now)."""
         future = transfer.decoded.pop(index, None)
         if future is not None:
             return await future
-        return await self.run_codec("decode", codec.decode, chunk.payload, chunk.level)
+        return await self.run_codec("decode", load_reply, chunk)
 
     async def pull(self, transfer: Transfer, peer: str) -> None:
         """Fill ``transfer`` from the sidecar at ``peer``."""
@@ -439,12 +448,12 @@ class LocalService(pb_grpc.LocalServicer):
                 if item.key.token_end <= request.first_token:
                     transfer.decoded.pop(index, None)
                     continue
-                raw = await s.decoded(transfer, index, item)
-                raw.key.CopyFrom(item.key)
+                reply = await s.load_reply(transfer, index, item)
                 s.health.chunk(item.level)
                 s.metrics.chunks.labels("decoded", item.level).inc()
-                s.metrics.raw_bytes.labels("decoded").inc(len(raw.keys) + len(raw.values))
-                yield pb.LoadReply(chunk=raw)
+                s.metrics.raw_bytes.labels("decoded").inc(
+                    len(reply.chunk.keys) + len(reply.chunk.values))
+                yield reply
         except (TransferFailed, codec.ChunkCodecError) as exc:
             reason = exc.reason if isinstance(exc, TransferFailed) else "codec"
             s.metrics.failures.labels("decode", reason).inc()

@@ -40,8 +40,8 @@ class Transfer:
     wire_bytes: int = 0
     created_at: float = field(default_factory=time.monotonic)
     decoded: dict[int, asyncio.Future] = field(default_factory=dict)
-    """Receiving side: chunk index -> its decoding, started as the chunk arrived (so that
-    a reader finds it decoded instead of decoding it on the critical path)."""
+    """Receiving side: chunk index -> its decoding into a Load reply, started as the chunk
+    arrived (so that a reader finds it decoded instead of decoding it on the critical path)."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
