@@ -19,7 +19,7 @@ tc tbf; see :mod:`kvpool.sidecar.netns`). The engines stay in the host namespace
 their sidecar over its unix socket; the router tells prefill to push the KV to the decode
 sidecar while it computes it. ``single`` does not use the link: it is measured once and
 reported in every scenario. ``wire_bytes`` (per request, from the prefill sidecar's
-metrics) are measured on loopback. ``grpc_vs_tcp`` compares the sidecars' own gRPC KV stream
+metrics over the run) come from the first scenario run, loopback unless it was left out. ``grpc_vs_tcp`` compares the sidecars' own gRPC KV stream
 with a plain TCP socket moving the same chunks on loopback (:mod:`kvpool.sidecar.bench_stream`).
 
 One JSON object goes to stdout; progress to stderr.
@@ -188,22 +188,21 @@ class Bench:
     def run_pd(self, prompt_name: str, level: str, link: netns.Link | None) -> Samples:
         samples = Samples()
         with self.pd(level, link) as (p_side, d_side, router):
+            p_wrap = link.exec_in("a") if link else ()
+            before = completions.scrape(p_side.addresses["metrics"], wrap=p_wrap)
             for prompt in self.prompts(prompt_name):
-                before = completions.scrape(p_side.addresses["metrics"]) if link is None else {}
                 answer = completions.stream_completion(router.url, self.body(prompt))
                 prefill_ms = float(answer.headers["x-kvpool-prefill-ms"])
                 samples.ttft_ms.append(answer.ttft_s * 1000)
                 samples.kv_ms.append(max(0.0, answer.ttft_s * 1000 - prefill_ms))
                 samples.total_ms.append(answer.total_s * 1000)
-                if link is None:
-                    after = completions.scrape(p_side.addresses["metrics"])
-                    samples.wire_bytes.append(
-                        completions.delta(
-                            before, after, "kvpool_sidecar_wire_bytes_total", direction="encoded"
-                        )
-                    )
-                    samples.raw_bytes.append(completions.delta(
-                        before, after, "kvpool_sidecar_raw_bytes_total", direction="encoded"))  # fmt: skip
+            # bytes per request: the prefill sidecar's counters over the run (read once
+            # before and once after, outside the timed requests)
+            after = completions.scrape(p_side.addresses["metrics"], wrap=p_wrap)
+            for name, into in (("kvpool_sidecar_wire_bytes_total", samples.wire_bytes),
+                               ("kvpool_sidecar_raw_bytes_total", samples.raw_bytes)):
+                total = completions.delta(before, after, name, direction="encoded")
+                into.append(total / self.args.requests)
             # the decode sidecar counts each transfer loaded or failed (a fresh one per run)
             time.sleep(1.0)
             wrap = link.exec_in("b") if link else ()
@@ -281,13 +280,12 @@ def _store(result: dict[str, Any], scenario: str, prompt: str, cell: dict[str, S
         result[key].setdefault(scenario, {})[prompt] = {m: v for m, v in values.items() if v}
     recomputed = {mode: s.recomputed for mode, s in cell.items() if mode != "single"}
     result["recomputed"].setdefault(scenario, {})[prompt] = recomputed
-    if scenario == "loopback":
-        for mode, s in cell.items():
-            if s.wire_bytes:
-                result["wire_bytes"].setdefault(prompt, {})[mode] = round(
-                    statistics.mean(s.wire_bytes)
-                )
-                result["raw_bytes"][prompt] = round(statistics.mean(s.raw_bytes))
+    # bytes per request do not depend on the link: the first scenario run (loopback when
+    # it is run) gives them
+    for mode, s in cell.items():
+        if s.wire_bytes and mode not in result["wire_bytes"].get(prompt, {}):
+            result["wire_bytes"].setdefault(prompt, {})[mode] = round(statistics.mean(s.wire_bytes))
+            result["raw_bytes"].setdefault(prompt, round(statistics.mean(s.raw_bytes)))
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:

@@ -33,6 +33,9 @@ DTYPES: dict[str, torch.dtype] = {
 
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+"""An integer dtype of each element size: numpy's view of a chunk's values."""
+
 
 def prefix_hash(model: str, token_ids: Sequence[int], end: int) -> bytes:
     """The name of the prefix ``token_ids[:end]`` of ``model``: 16 bytes of BLAKE2b."""
@@ -98,11 +101,92 @@ class PagedLayout:
         values = flat[:, :, 1].view(num_blocks, heads, block_size, head_dim)
         return keys, values
 
+    def _to_blocks(self, k: torch.Tensor, v: torch.Tensor, heads: int, block_size: int
+                   ) -> torch.Tensor:
+        """Rows ``[n * block_size, heads*head_dim]`` of keys and values as the contents of
+        ``n`` whole blocks, ``[n, heads, block_size, 2*head_dim]`` in this layout.
+
+        The permuted copies go through numpy on the CPU: torch's strided copy of 2-byte
+        dtypes is some 30x slower there (and worse on a busy machine)."""
+        n = k.shape[0] // block_size
+        dtype = k.dtype
+        if k.device.type == "cpu":
+            same_size = _INT_OF_SIZE[k.element_size()]
+            kn = k.contiguous().view(same_size).numpy().reshape(n, block_size, heads, -1)
+            vn = v.contiguous().view(same_size).numpy().reshape(n, block_size, heads, -1)
+            vn = vn.transpose(0, 2, 1, 3)  # [n, heads, block, head_dim]
+            if self.keys_transposed:
+                kn = kn.transpose(0, 2, 3, 1)  # [n, heads, head_dim, block]
+                out = np.concatenate((np.ascontiguousarray(kn).reshape(n, heads, -1),
+                                      np.ascontiguousarray(vn).reshape(n, heads, -1)), axis=2)
+            else:
+                out = np.concatenate((kn.transpose(0, 2, 1, 3), vn), axis=3)
+            return torch.from_numpy(out).view(dtype).view(n, heads, block_size, -1)
+        k = k.view(n, block_size, heads, -1).transpose(1, 2)  # [n, heads, block, head_dim]
+        v = v.view(n, block_size, heads, -1).transpose(1, 2)
+        if self.keys_transposed:
+            k = k.transpose(2, 3)  # [n, heads, head_dim, block]
+            return torch.cat((k.reshape(n, heads, -1), v.reshape(n, heads, -1)), dim=2
+                             ).view(n, heads, block_size, -1)
+        return torch.cat((k, v), dim=3)
+
+    def _from_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of :meth:`_to_blocks`: rows ``[n * block_size, heads*head_dim]``."""
+        n, heads, block_size, two_d = blocks.shape
+        head_dim = two_d // 2
+        if self.keys_transposed:
+            flat = blocks.view(n, heads, 2, head_dim * block_size)
+            k = flat[:, :, 0].view(n, heads, head_dim, block_size).transpose(2, 3)
+            v = flat[:, :, 1].view(n, heads, block_size, head_dim)
+        else:
+            k, v = blocks[..., :head_dim], blocks[..., head_dim:]
+        rows = n * block_size
+        return (k.transpose(1, 2).reshape(rows, heads * head_dim),
+                v.transpose(1, 2).reshape(rows, heads * head_dim))
+
+    @staticmethod
+    def _whole_blocks(blocks: torch.Tensor, offsets: torch.Tensor, block_size: int
+                      ) -> tuple[int, int]:
+        """``(lead, n)``: slots ``[lead, lead + n*block_size)`` fill ``n`` whole blocks, each
+        in order (0 blocks when the slots are not consecutive tokens, as from
+        :func:`token_slots`)."""
+        tokens = len(offsets)
+        if not tokens:
+            return 0, 0
+        lead = min(tokens, (block_size - int(offsets[0])) % block_size)
+        n = (tokens - lead) // block_size
+        if n:
+            span = slice(lead, lead + n * block_size)
+            rows_offsets = offsets[span].view(n, block_size)
+            rows_blocks = blocks[span].view(n, block_size)
+            if not (torch.equal(rows_offsets, torch.arange(block_size).expand(n, block_size))
+                    and torch.equal(rows_blocks, rows_blocks[:, :1].expand(n, block_size))):
+                return 0, 0
+        return lead, n
+
     def gather(
         self, kv_layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the given token slots as ``[tokens, kv_heads*head_dim]`` CPU
-        tensors (copies)."""
+        tensors (copies). Whole blocks are copied as blocks, the rest token by token."""
+        block_size = kv_layer.shape[2]
+        lead, n = self._whole_blocks(blocks, offsets, block_size)
+        if not n:
+            return self._gather_slots(kv_layer, blocks, offsets)
+        tail = lead + n * block_size
+        whole = kv_layer[blocks[lead:tail:block_size].to(kv_layer.device)]
+        parts = [tuple(t.cpu() for t in self._from_blocks(whole))]
+        if lead:
+            parts.insert(0, self._gather_slots(kv_layer, blocks[:lead], offsets[:lead]))
+        if tail < len(offsets):
+            parts.append(self._gather_slots(kv_layer, blocks[tail:], offsets[tail:]))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _gather_slots(
+        self, kv_layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._views(kv_layer)
         blocks = blocks.to(kv_layer.device)
         offsets = offsets.to(kv_layer.device)
@@ -119,7 +203,30 @@ class PagedLayout:
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> None:
-        """Write ``[tokens, kv_heads*head_dim]`` keys and values into the given slots."""
+        """Write ``[tokens, kv_heads*head_dim]`` keys and values into the given slots
+        (whole blocks as blocks, the rest token by token)."""
+        block_size, heads = kv_layer.shape[2], kv_layer.shape[1]
+        lead, n = self._whole_blocks(blocks, offsets, block_size)
+        if not n:
+            self._scatter_slots(kv_layer, blocks, offsets, k, v)
+            return
+        tail = lead + n * block_size
+        device = kv_layer.device
+        whole = self._to_blocks(k[lead:tail].to(kv_layer.dtype),
+                                v[lead:tail].to(kv_layer.dtype), heads, block_size)
+        kv_layer[blocks[lead:tail:block_size].to(device)] = whole.to(device)
+        for span in (slice(0, lead), slice(tail, None)):
+            if len(offsets[span]):
+                self._scatter_slots(kv_layer, blocks[span], offsets[span], k[span], v[span])
+
+    def _scatter_slots(
+        self,
+        kv_layer: torch.Tensor,
+        blocks: torch.Tensor,
+        offsets: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
         keys, values = self._views(kv_layer)
         heads, head_dim = keys.shape[1], keys.shape[3]
         device = kv_layer.device

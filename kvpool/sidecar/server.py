@@ -104,6 +104,14 @@ def checksum(payload: bytes) -> int:
     return google_crc32c.value(payload)
 
 
+def load_reply(chunk: peerwire.Chunk) -> pb.LoadReply:
+    """One encoded chunk decoded into the reply ``Load`` sends its connector (built in a
+    codec thread: the copies stay off the event loop)."""
+    reply = pb.LoadReply(chunk=codec.decode(chunk.payload, chunk.level))
+    reply.chunk.key.CopyFrom(chunk.key)
+    return reply
+
+
 class Sidecar:
     """One sidecar: its transfers, its two gRPC servers and its metrics."""
 
@@ -306,8 +314,27 @@ class Sidecar:
                 return
             self.metrics.wire_bytes.labels("received").inc(len(chunk.payload))
             transfer.add(chunk)
+            self._predecode(transfer, len(transfer.chunks) - 1, chunk)
         elif kind == "end":
             transfer.finish(message.end)
+
+    def _predecode(self, transfer: Transfer, index: int, chunk: peerwire.Chunk) -> None:
+        """Start decoding a received chunk at once, in the codec threads: the reader
+        (``Load``, once decode asks for the KV) then finds its reply ready, and decoding
+        overlaps the transfer instead of following it."""
+        future = asyncio.ensure_future(self.run_codec("decode", load_reply, chunk))
+        # a transfer that fails or is dropped unread leaves its decodings unawaited
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        transfer.decoded[index] = future
+
+    async def load_reply(self, transfer: Transfer, index: int, chunk: peerwire.Chunk
+                         ) -> pb.LoadReply:
+        """Chunk ``index`` of ``transfer`` decoded as a Load reply (started on receipt, or
+        now)."""
+        future = transfer.decoded.pop(index, None)
+        if future is not None:
+            return await future
+        return await self.run_codec("decode", load_reply, chunk)
 
     async def pull(self, transfer: Transfer, peer: str) -> None:
         """Fill ``transfer`` from the sidecar at ``peer``."""
@@ -408,8 +435,10 @@ class LocalService(pb_grpc.LocalServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         start = time.perf_counter()
+        index = -1
         try:
             async for item in transfer.follow(s.config.transfer_timeout_s):
+                index += 1
                 if isinstance(item, pb.TransferEnd):
                     # Counted before the last reply: the connector hangs up as soon as it
                     # has it, which may close this stream at the yield.
@@ -417,13 +446,14 @@ class LocalService(pb_grpc.LocalServicer):
                     yield pb.LoadReply(end=item)
                     break
                 if item.key.token_end <= request.first_token:
+                    transfer.decoded.pop(index, None)
                     continue
-                raw = await s.run_codec("decode", codec.decode, item.payload, item.level)
-                raw.key.CopyFrom(item.key)
+                reply = await s.load_reply(transfer, index, item)
                 s.health.chunk(item.level)
                 s.metrics.chunks.labels("decoded", item.level).inc()
-                s.metrics.raw_bytes.labels("decoded").inc(len(raw.keys) + len(raw.values))
-                yield pb.LoadReply(chunk=raw)
+                s.metrics.raw_bytes.labels("decoded").inc(
+                    len(reply.chunk.keys) + len(reply.chunk.values))
+                yield reply
         except (TransferFailed, codec.ChunkCodecError) as exc:
             reason = exc.reason if isinstance(exc, TransferFailed) else "codec"
             s.metrics.failures.labels("decode", reason).inc()

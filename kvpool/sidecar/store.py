@@ -39,6 +39,9 @@ class Transfer:
     raw_bytes: int = 0
     wire_bytes: int = 0
     created_at: float = field(default_factory=time.monotonic)
+    decoded: dict[int, asyncio.Future] = field(default_factory=dict)
+    """Receiving side: chunk index -> its decoding into a Load reply, started as the chunk
+    arrived (so that a reader finds it decoded instead of decoding it on the critical path)."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -73,6 +76,9 @@ class Transfer:
             return
         self.error = TransferFailed(reason, f"transfer {self.transfer_id}: {message}")
         self.chunks = []
+        for future in self.decoded.values():
+            future.cancel()
+        self.decoded = {}
         self._notify()
 
     @property

@@ -71,3 +71,22 @@ def test_layout_on_cuda_is_flash_and_round_trips():
     dst = torch.zeros_like(kv)
     layout.scatter(dst, *slots, k, v)
     assert torch.equal(dst[4, :, :18], kv[4, :, :18]) and torch.equal(dst[1, :, 10:], kv[1, :, 10:])
+
+
+@pytest.mark.parametrize("layout", [chunks.CPU_LAYOUT, chunks.FLASH_LAYOUT])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("span", [(0, 64), (5, 70), (32, 192), (31, 33), (0, 7), (40, 160)])
+def test_whole_blocks_move_as_blocks_like_token_by_token(layout, dtype, span):
+    """Whole blocks are gathered and scattered as blocks, the ends token by token: the
+    same tensors and cache as moving every token on its own."""
+    start, end = span
+    block_ids = [4, 0, 5, 2, 1, 3][: (end + BLOCK - 1) // BLOCK]
+    slots = chunks.token_slots(block_ids, BLOCK, start, end)
+    src = torch.randn(BLOCKS, HEADS, BLOCK, 2 * DIM).to(dtype)
+    k, v = layout.gather(src, *slots)
+    token_k, token_v = layout._gather_slots(src, *slots)
+    assert torch.equal(k, token_k) and torch.equal(v, token_v)
+    dst, token_dst = torch.zeros_like(src), torch.zeros_like(src)
+    layout.scatter(dst, *slots, k, v)
+    layout._scatter_slots(token_dst, *slots, k, v)
+    assert torch.equal(dst, token_dst)

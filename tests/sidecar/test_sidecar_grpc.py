@@ -109,6 +109,26 @@ async def test_push_streams_while_produced_and_load_follows(pair):
     assert all(torch.equal(got[k][0], sent[k][0]) for k in sent)
 
 
+async def test_pushed_chunks_are_decoded_on_arrival_before_the_load(pair):
+    """The decode sidecar decodes what a push brings as it comes: the Load, asked once
+    prefill is done, finds every chunk decoded instead of decoding them after the fact."""
+    level = "lossless" if "lossless" in codec.levels() else "raw"
+    (_prefill, decode), (p_local, d_local) = pair
+    tokens = list(range(64))
+    sent = await put_transfer(p_local, "t2d", tokens, [(0, 32), (32, 64)], level=level,
+                              push_to=decode.peer_address)
+    await until(lambda: (t := decode.store.get("t2d")) is not None and t.end is not None)
+    transfer = decode.store.get("t2d")
+    assert sorted(transfer.decoded) == list(range(2 * LAYERS))
+    await asyncio.wait_for(asyncio.gather(*transfer.decoded.values()), 10)
+    got, end = await load_all(d_local, pb.LoadRequest(
+        transfer_id="t2d", model=MODEL, expect_push=True))
+    assert end.chunks == 2 * LAYERS and got.keys() == sent.keys()
+    assert all(torch.equal(got[k][0], sent[k][0]) and torch.equal(got[k][1], sent[k][1])
+               for k in sent)
+    assert not transfer.decoded, "a loaded chunk's decoding is let go"
+
+
 async def test_a_reader_that_closes_at_the_end_is_counted_loaded(pair):
     # A reader may close the Load stream as soon as it has the end, which cancels the call
     # and the handler with it: the transfer is counted before the end goes out.
