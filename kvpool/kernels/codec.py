@@ -110,7 +110,7 @@ def table_group(tokens: int, level: levels.Level) -> int:
     enough that a table's 2 bytes per bin stay near 1 % of the coded bits it serves."""
     if not tokens:
         return 1
-    biggest = max((b for _, b in level.all_bins()), default=3)
+    biggest = max((b for _, b in level.all_bins(neighbours=False)), default=3)
     group = 1
     while group * tokens < 256 * biggest and group < 4096:
         group *= 2
@@ -158,9 +158,13 @@ def encode(
     first, count = (0, n) if depth is None else depth
     if not (0 <= first and first + n <= count):
         raise CodecError(f"depth={depth}: {n} layers from layer {first} do not fit in {count}")
-    layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]),
-               *lv.layer_bins(first + i, count)) for i in range(n)]
     use_profile = profile is not None and not lv.lossless
+    steps = profile.steps() if use_profile else []
+    if len(steps) != 2 * count or n != count:  # bins follow a profile made for this model
+        steps = [0] * (2 * count)
+    layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]),
+               *lv.layer_bins(first + i, count, (steps[2 * (first + i)], steps[2 * (first + i) + 1])))
+              for i in range(n)]
     tables = profile.tables_for(lv.anchor_group, layers) if use_profile else None
     group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)
     args = {

@@ -28,6 +28,19 @@ GROUP_CHANNELS = 64
 overhead (8 bytes of state, 4 of size) near 1 % and give a GPU thousands of streams."""
 
 
+BIN_LADDER: tuple[int, ...] = (3, 5, 7, 9, 11, 15, 21, 31, 43, 63, 91, 127, 181, 255)
+"""Bins a profile may move a plane to: one step finer or coarser than its level's bins,
+for the planes where the model is most or least sensitive to errors."""
+
+
+def shifted(bins: int, steps: int) -> int:
+    """``bins`` moved ``steps`` along :data:`BIN_LADDER` (bins off the ladder stay)."""
+    if not steps or bins not in BIN_LADDER:
+        return bins
+    i = min(max(BIN_LADDER.index(bins) + steps, 0), len(BIN_LADDER) - 1)
+    return BIN_LADDER[i]
+
+
 @dataclass(frozen=True)
 class Level:
     """One named level: the quantizer's bins per layer, or lossless."""
@@ -52,25 +65,33 @@ class Level:
     model's attention sinks, which most heads attend to heavily, so that their errors weigh on
     every later token (at most 255)."""
 
-    def layer_bins(self, layer: int, n_layers: int) -> tuple[int, int, int, int]:
+    def layer_bins(
+        self, layer: int, n_layers: int, steps: tuple[int, int] = (0, 0)
+    ) -> tuple[int, int, int, int]:
         """``(key bins, value bins, key anchor bins, value anchor bins)`` of one layer in the
         header's order: non-anchor rows first (0 when ``anchor_group == 1``), then anchor
-        rows; all zeros for lossless."""
+        rows; all zeros for lossless. ``steps`` moves the keys' and the values' bins along
+        :data:`BIN_LADDER` (a profile's allocation by sensitivity)."""
         if self.lossless:
             return (0, 0, 0, 0)
         depth = layer / max(n_layers, 1)
-        anchor = (_pick(self.key_bins, depth), _pick(self.value_bins, depth))
+        ks, vs = steps
+        anchor = (shifted(_pick(self.key_bins, depth), ks),
+                  shifted(_pick(self.value_bins, depth), vs))
         if self.anchor_group == 1:
             return (0, 0, *anchor)
-        return (_pick(self.key_delta_bins, depth), _pick(self.value_delta_bins, depth), *anchor)
+        return (shifted(_pick(self.key_delta_bins, depth), ks),
+                shifted(_pick(self.value_delta_bins, depth), vs), *anchor)
 
-    def all_bins(self) -> set[tuple[str, int]]:
-        """Every (role, bins) this level can use: role "a" for anchor rows (every row when
-        ``anchor_group == 1``), "d" for the others."""
+    def all_bins(self, neighbours: bool = True) -> set[tuple[str, int]]:
+        """Every (role, bins) this level can use, with ``neighbours`` one ladder step either
+        way included: role "a" for anchor rows (every row when ``anchor_group == 1``), "d"
+        for the others."""
         out = {("a", b) for s in (self.key_bins, self.value_bins) for _, b in s}
         if self.anchor_group > 1:
             out |= {("d", b) for s in (self.key_delta_bins, self.value_delta_bins) for _, b in s}
-        return out
+        steps = (-1, 0, 1) if neighbours else (0,)
+        return {(role, shifted(b, step)) for role, b in out for step in steps}
 
 
 def _pick(schedule: Schedule, depth: float) -> int:
@@ -80,25 +101,26 @@ def _pick(schedule: Schedule, depth: float) -> int:
     return schedule[-1][1]
 
 
-# Measured with ``kvpool bench codec`` on SmolLM2-135M (2048 tokens of pydoc text, profile
-# from other text; KL = mean KL divergence of the next-token distributions over 256
-# positions, the steady quality figure; "near ties" = free-running greedy tokens kept on 8
-# prompts whose greedy steps are often near ties, 16 tokens each, one layer per frame as
-# the sidecar codes them). Two findings shape the table:
-# - The sequence's first tokens (attention sinks) must stay exact: at 31/15 bins, rows on
-#   their own, KL 0.038 with the sinks quantized against 0.006 with four sinks exact.
+# Measured with ``kvpool bench codec`` on SmolLM2-135M (2048 tokens of pydoc text, a profile
+# with the model's sensitivity from other text; KL = mean KL divergence of the next-token
+# distributions over 256 positions, the steady quality figure). What shaped the table:
+# - The sequence's first tokens (attention sinks) must stay exact: at 31/15 bins, KL 0.038
+#   with the sinks quantized against 0.006 with four sinks exact.
 # - With exact sinks, every row on its own beats rows coded as differences to a 16-token
 #   anchor row (post-RoPE keys of neighbouring tokens differ in their fast-rotating
-#   channels): at ratio 5.0, KL 0.021 and 75/128 near-tie tokens against 0.036 and 45/128.
-#   high     keys 63, values 31 bins                    ratio 3.2, KL 0.001
-#   default  keys 31, values 15                         ratio 4.0, KL 0.005, ppl +0.6 %
-#   low      keys 15, values 11                         ratio 5.0, KL 0.021, ppl +2 to +5 %
-#   lowest   keys 9, values 7 (15 / 11 in the first 10 % of the layers)
+#   channels): at ratio 5.0, KL 0.021 against 0.036.
+# - A profile's sensitivity (kvpool.kernels.sensitivity) moves bins to the planes that
+#   matter: at the same ratio it halves the KL (31/15: 0.0053 -> 0.0028; 15/11: 0.021 ->
+#   0.011).
+#   high     keys 63, values 31 bins            ratio 3.2, KL 0.0006
+#   default  keys 21, values 11                 ratio 4.6, KL 0.007, perplexity +0.6 %
+#   low      keys 15, values 11                 ratio 5.0, KL 0.011, perplexity +2 %
+#   lowest   keys 9, values 7 (15 / 11 in the first 10 % of the layers)    ratio 6.5, KL 0.04
 SINKS = 4
 LEVEL_TABLE: tuple[Level, ...] = (
     Level("lossless", lossless=True),
     Level("high", key_bins=((1.0, 63),), value_bins=((1.0, 31),), sink_tokens=SINKS),
-    Level("default", key_bins=((1.0, 31),), value_bins=((1.0, 15),), sink_tokens=SINKS),
+    Level("default", key_bins=((1.0, 21),), value_bins=((1.0, 11),), sink_tokens=SINKS),
     Level("low", key_bins=((1.0, 15),), value_bins=((1.0, 11),), sink_tokens=SINKS),
     Level("lowest", key_bins=((0.1, 15), (1.0, 9)), value_bins=((0.1, 11), (1.0, 7)),
           sink_tokens=SINKS),

@@ -6,11 +6,17 @@ For every plane (layer-major, keys before values) it holds the channel midpoints
 ranges (bf16 bits) and, for every anchor group and bins a level table uses, one 16-bit
 probability table per channel for anchor rows ("a") and other rows ("d").
 
+A profile may also hold the model's *sensitivity*: per plane, how much the model's output
+moves (KL divergence) when that plane is quantized coarsely (:mod:`kvpool.kernels.sensitivity`).
+Encoding with such a profile moves every level's bins one step finer on the third of the
+planes the model is most sensitive to and one step coarser on the least sensitive third
+(:meth:`Profile.steps`); the bins land in each chunk's header as always.
+
 File format (version 1): a numpy ``.npz`` archive (no pickles) with ``meta`` (UTF-8 JSON:
-format, version, model, planes, widths, hash) and arrays ``p{plane}.mu``,
-``p{plane}.sigma`` and ``p{plane}.{role}{bins}g{group}`` ([width, bins] uint16). The hash is
-SHA-256 over the canonical JSON of the model and widths and every array's name, shape and
-bytes in sorted order, cut to 16 bytes.
+format, version, model, planes, widths, hash), arrays ``p{plane}.mu``, ``p{plane}.sigma``
+and ``p{plane}.{role}{bins}g{group}`` ([width, bins] uint16), and optionally
+``sensitivity`` ([planes] float32). The hash is SHA-256 over the canonical JSON of the model
+and widths and every array's name, shape and bytes in sorted order, cut to 16 bytes.
 """
 
 from __future__ import annotations
@@ -63,7 +69,26 @@ class Profile:
         self.model = model
         self.widths = list(widths)
         self._arrays = arrays
+        sens = arrays.get("sensitivity")
+        if sens is not None and (sens.dtype != np.float32 or sens.shape != (len(self.widths),)
+                                 or not np.all(np.isfinite(sens))):
+            raise CodecError("a profile's sensitivity is one finite float32 per plane")
         self.hash = self._content_hash()
+
+    @property
+    def sensitivity(self) -> np.ndarray | None:
+        """Per plane, the KL divergence the model showed with that plane coarsely quantized."""
+        return self._arrays.get("sensitivity")
+
+    def steps(self) -> list[int]:
+        """Per plane, the ladder steps its bins move: +1 for the most sensitive third of the
+        planes, -1 for the least sensitive third, 0 for the rest (all 0 without a
+        sensitivity)."""
+        sens = self.sensitivity
+        if sens is None or not len(sens):
+            return [0] * len(self.widths)
+        lo, hi = np.quantile(sens, [1 / 3, 2 / 3])
+        return [1 if x > hi else -1 if x < lo else 0 for x in sens.tolist()]
 
     @property
     def hash_bytes(self) -> bytes:
@@ -79,11 +104,20 @@ class Profile:
         return h.hexdigest()[:32]
 
     @classmethod
-    def build(cls, samples: Iterable[KVCache], *, model: str, position: int = 0) -> Profile:
+    def build(
+        cls,
+        samples: Iterable[KVCache],
+        *,
+        model: str,
+        position: int = 0,
+        sensitivity: Any = None,
+    ) -> Profile:
         """Statistics and tables from real KV caches of ``model`` (every lossy level).
 
         ``position`` is the sequence position of the samples' first token: rows of the
         sequence's first tokens, which the levels keep exact (``sink_tokens``), are left out.
+        ``sensitivity`` (one figure per plane, :mod:`kvpool.kernels.sensitivity`) lets the
+        profile move bins towards the planes that matter.
         """
         skip = max(0, max(lv.sink_tokens for lv in levels.LEVEL_TABLE) - position)
         per_plane: list[list[np.ndarray]] | None = None
@@ -129,6 +163,8 @@ class Profile:
                     flat = (np.arange(width)[None, :] * bins + sel).ravel()
                     counts += np.bincount(flat, minlength=width * bins).reshape(width, bins).astype(np.uint64)
                 arrays[f"p{i}.{_table_key(role, bins, group)}"] = _codec.normalize(counts)
+        if sensitivity is not None:
+            arrays["sensitivity"] = np.asarray(sensitivity, dtype=np.float32).reshape(-1)
         return cls(model, arrays, widths)
 
     def tables_for(self, anchor_group: int, layers: list[tuple[int, ...]]) -> list[tuple]:
@@ -183,11 +219,13 @@ class Profile:
         if meta.get("version") != VERSION:
             raise CodecError(f"{path}: profile version {meta.get('version')}, expected {VERSION}")
         for name, a in arrays.items():
+            if name == "sensitivity":
+                continue  # checked by the constructor
             if a.dtype != np.uint16 or not name.startswith("p"):
                 raise CodecError(f"corrupt profile file {path}: array {name}")
         try:
             profile = cls(str(meta["model"]), arrays, [int(w) for w in meta["widths"]])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, CodecError) as exc:
             raise CodecError(f"corrupt profile file {path}: {exc}") from exc
         if profile.hash != meta.get("hash"):
             raise CodecError(f"corrupt profile file {path}: content does not match its hash")

@@ -18,10 +18,11 @@ import torch
 from rich.console import Console
 
 from kvpool import models
-from kvpool.kernels import CodecError, Profile
+from kvpool.kernels import CodecError, Profile, sensitivity
 from kvpool.kernels.realkv import LanguageModel, extract, load_model
 
 SUFFIX = ".kvprofile"
+SENSITIVITY_TOKENS = 128
 
 
 def profiles_dir(model: str) -> Path:
@@ -36,9 +37,12 @@ def build_profile(
     tokens: int = 2048,
     offset: int = 0,
 ) -> Profile:
-    """The profile of ``model`` from the KV of ``tokens`` tokens of ``text`` from ``offset``."""
-    real = extract(model, text=text, tokens=tokens, next_tokens=0, offset=offset)
-    return Profile.build([real.kv], model=model.name)
+    """The profile of ``model`` from the KV of ``tokens`` tokens of ``text`` from ``offset``,
+    with the model's sensitivity measured over the next 128 tokens."""
+    real = extract(model, text=text, tokens=tokens, next_tokens=SENSITIVITY_TOKENS,
+                   offset=offset)
+    return Profile.build([real.kv], model=model.name,
+                         sensitivity=sensitivity.measure(real, positions=SENSITIVITY_TOKENS))
 
 
 def save(profile: Profile, out: str | os.PathLike[str] | None = None) -> Path:

@@ -108,3 +108,49 @@ def test_build_needs_samples() -> None:
                                values=[np.zeros((4, 8), np.float16)]),
                        KVCache(keys=[np.zeros((4, 9), np.float16)],
                                values=[np.zeros((4, 9), np.float16)])], model="x")
+
+
+def test_ladder_moves_bins_one_step() -> None:
+    from kvpool.kernels.levels import BIN_LADDER, shifted
+
+    assert shifted(21, 1) == 31 and shifted(21, -1) == 15 and shifted(21, 0) == 21
+    assert shifted(BIN_LADDER[0], -1) == BIN_LADDER[0]
+    assert shifted(BIN_LADDER[-1], 1) == BIN_LADDER[-1]
+    assert shifted(13, 1) == 13  # off the ladder: left alone
+
+
+def test_sensitivity_moves_bins_to_the_planes_that_matter(profile_samples, tmp_path) -> None:
+    """Planes ranked by sensitivity: the top third one ladder step finer, the bottom third
+    one coarser; the bins land in the header, so decoding needs nothing more."""
+    from kvpool.kernels import levels
+
+    sens = np.array([0.5, 0.01, 0.02, 0.3, 0.001, 0.1], np.float32)  # 3 layers x (K, V)
+    profile = Profile.build(profile_samples, model="synthetic", sensitivity=sens)
+    assert profile.steps() == [1, -1, 0, 1, -1, 0]
+    kv = profile_samples[1]
+    data = encode(kv, "default", profile)
+    lv = levels.get("default")
+    steps = profile.steps()
+    assert peek(data).bins == [lv.layer_bins(i, 3, (steps[2 * i], steps[2 * i + 1]))
+                               for i in range(3)]
+    assert peek(data).bins[0][2] == levels.shifted(peek(encode(kv, "default")).bins[0][2], 1)
+    out = decode(data, profile)
+    assert all(o.shape == k.shape for o, k in zip(out.keys, kv.keys))
+    path = tmp_path / "p.kvprofile"
+    profile.save(path)
+    again = Profile.load(path)
+    assert again.hash == profile.hash and again.steps() == profile.steps()
+    assert Profile.build(profile_samples, model="synthetic").hash != profile.hash
+
+
+def test_a_profile_without_sensitivity_keeps_the_level_bins(profile, profile_samples) -> None:
+    kv = profile_samples[0]
+    assert profile.steps() == [0] * 6
+    assert peek(encode(kv, "default", profile)).bins == peek(encode(kv, "default")).bins
+
+
+def test_bad_sensitivity_is_refused(profile_samples) -> None:
+    with pytest.raises(CodecError, match="sensitivity"):
+        Profile.build(profile_samples, model="synthetic", sensitivity=[1.0, float("nan")] * 3)
+    with pytest.raises(CodecError, match="sensitivity"):
+        Profile.build(profile_samples, model="synthetic", sensitivity=[1.0] * 4)
