@@ -44,12 +44,20 @@ class ThroughputEstimator:
 
     Each sample is the bytes of one chunk and the seconds it spent on the wire (from
     handing it to the stream, or the previous acknowledgement, to its own). The estimate
-    is the harmonic mean of the last ``window`` samples' rates (as robustMPC does), or the
-    last sample's rate when that is lower: a drop is taken at once (in the harmonic mean
-    one 10x slower chunk among three only brings the estimate down 4x, and the chunk sent
-    on that estimate arrives late), a rise takes over within ``window`` chunks, and one
-    fast outlier barely lifts it (nor does one stalled chunk weigh on more than the next
-    choice and its share of the mean).
+    is the lowest of
+
+    - the harmonic mean of the last ``window`` samples' rates (as robustMPC does),
+    - the last sample's rate: a drop is taken at once (in the harmonic mean one 10x slower
+      chunk among three only brings the estimate down 4x, and the chunk sent on that
+      estimate arrives late),
+    - the bytes acknowledged over the wall time the last ``window`` samples span, gaps
+      between chunks included (when samples say ``at`` what instant they were acknowledged):
+      a shaped link (token bucket) refills its bucket while the sender encodes the next
+      chunk, and that chunk's first bytes then leave at once, so that one chunk's own rate
+      overstates what the link sustains; over the span the refill is counted at its rate.
+
+    A rise takes over within ``window`` chunks, and one fast outlier barely lifts it (nor
+    does one stalled chunk weigh on more than the next choice and its share of the mean).
     """
 
     def __init__(self, *, window: int = 3, initial_bps: float | None = None) -> None:
@@ -58,23 +66,39 @@ class ThroughputEstimator:
         if initial_bps is not None and initial_bps <= 0:
             raise ValueError(f"initial_bps must be positive, got {initial_bps}")
         self._rates: collections.deque[float] = collections.deque(maxlen=window)
+        self._spans: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=window)
         if initial_bps is not None:
             self._rates.append(initial_bps)
         self.samples = 0
 
-    def observe(self, nbytes: int, seconds: float) -> None:
-        """Record that ``nbytes`` took ``seconds`` on the wire."""
+    def observe(self, nbytes: int, seconds: float, *, at: float | None = None) -> None:
+        """Record that ``nbytes`` took ``seconds`` on the wire, acknowledged at instant ``at``
+        (any monotonic clock, the same for every sample; None: unknown)."""
         if nbytes <= 0 or seconds <= 0:
             return
         self._rates.append(nbytes / seconds)
+        if at is None:
+            self._spans.clear()
+        else:
+            self._spans.append((nbytes, at - seconds, at))
         self.samples += 1
+
+    def delivered_bps(self) -> float | None:
+        """Bytes acknowledged over the wall time the recent samples span (None with fewer
+        than two timed samples in a row)."""
+        if len(self._spans) < 2:
+            return None
+        span = self._spans[-1][2] - self._spans[0][1]
+        return sum(n for n, _, _ in self._spans) / span if span > 0 else None
 
     @property
     def bps(self) -> float | None:
         """The estimate, or None before the first sample when no initial guess was given."""
         if not self._rates:
             return None
-        return min(len(self._rates) / sum(1 / r for r in self._rates), self._rates[-1])
+        harmonic = len(self._rates) / sum(1 / r for r in self._rates)
+        delivered = self.delivered_bps()
+        return min(harmonic, self._rates[-1], delivered if delivered else math.inf)
 
 
 @dataclass
@@ -171,17 +195,24 @@ class TransferDeadline:
 
     ``deadline`` is a ``time.monotonic()`` instant: the request's arrival plus its TTFT
     target, minus what decode needs after the KV is in (loading it and the first step).
-    Each chunk gets the time left in proportion to its share of the raw bytes left.
+    Each chunk gets the time left in proportion to its share of the raw bytes left
+    (:meth:`chunk_budget`). With ``start`` (when the transfer began) the chunks also have a
+    schedule: each is due when its share of the raw bytes, counted from the first chunk,
+    has had its share of the time (:meth:`due`), so that decode can load layer by layer.
     """
 
     deadline: float
     total_raw_bytes: int
     sent_raw_bytes: int = 0
+    start: float | None = None
+    grace_s: float = 0.0
+    """How late the whole KV may still be before a recompute (decode running the prefill
+    itself) is the better way: :meth:`rest` counts it in."""
 
     @classmethod
     def from_ttft(cls, arrival: float, ttft_target_s: float, total_raw_bytes: int,
                   decode_reserve_s: float = 0.0) -> TransferDeadline:
-        return cls(arrival + ttft_target_s - decode_reserve_s, total_raw_bytes)
+        return cls(arrival + ttft_target_s - decode_reserve_s, total_raw_bytes, start=arrival)
 
     def chunk_budget(self, raw_bytes: int, now: float | None = None) -> float:
         """Seconds this chunk may take (≤ 0 when the deadline has passed)."""
@@ -189,6 +220,33 @@ class TransferDeadline:
         left = self.deadline - now
         remaining = max(self.total_raw_bytes - self.sent_raw_bytes, raw_bytes)
         return left * raw_bytes / remaining if left > 0 else left
+
+    def due(self, raw_bytes: int) -> float:
+        """The instant by which the next chunk (of ``raw_bytes``) is due on the schedule;
+        the deadline itself without a ``start``."""
+        if self.start is None or self.total_raw_bytes <= 0:
+            return self.deadline
+        share = min(1.0, (self.sent_raw_bytes + raw_bytes) / self.total_raw_bytes)
+        return self.start + (self.deadline - self.start) * share
+
+    def budget(self, raw_bytes: int, now: float | None = None) -> float:
+        """Seconds the next chunk may take: its share of the time left (:meth:`chunk_budget`,
+        so that slack is spread over the chunks left rather than spent on one), but no later
+        than its due instant on the schedule (a chunk behind schedule gets less: it catches up)."""
+        now = time.monotonic() if now is None else now
+        return min(self.chunk_budget(raw_bytes, now), self.due(raw_bytes) - now)
+
+    def rest(self, now: float | None = None) -> tuple[float, int]:
+        """Seconds to the deadline (plus the grace) and raw bytes not yet sent (the next
+        chunk's included)."""
+        now = time.monotonic() if now is None else now
+        return self.deadline + self.grace_s - now, max(self.total_raw_bytes - self.sent_raw_bytes, 0)
+
+    def shift(self, seconds: float) -> None:
+        """Move the whole schedule later (time the caller took out of the transfer's clock)."""
+        self.deadline += seconds
+        if self.start is not None:
+            self.start += seconds
 
     def sent(self, raw_bytes: int) -> None:
         self.sent_raw_bytes += raw_bytes
@@ -220,6 +278,9 @@ class LevelPolicy:
     """Used for the first chunk when nothing is known of the link yet."""
     overlap: bool = False
     """The stream is pipelined (encode, wire and decode of successive chunks overlap)."""
+    margin: float = 0.0
+    """Safety margin: predictions take the link as ``1 + margin`` times slower than measured
+    (a shaped link's bursts, a busy machine's jitter)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called with every decision (the sidecar counts them in its metrics)."""
     name: str = "adaptive"
@@ -240,15 +301,25 @@ class LevelPolicy:
         """Candidates, best quality first (raw ranks with lossless)."""
         return ([RAW] if self.allow_raw else []) + list(self.levels)
 
-    def choose(self, raw_bytes: int, budget_s: float) -> Decision:
-        """The level for the next chunk of ``raw_bytes`` that must arrive within ``budget_s``."""
+    def choose(self, raw_bytes: int, budget_s: float, *, queued_bytes: int = 0,
+               rest: tuple[float, int] | None = None) -> Decision:
+        """The level for the next chunk of ``raw_bytes`` that must arrive within ``budget_s``.
+
+        ``queued_bytes``: bytes sent before it and not yet acknowledged (the chunk waits for
+        them on the wire). ``rest``: seconds to the request's deadline and the raw bytes
+        still to send, this chunk's included. When no level makes the chunk's own budget
+        but the lowest level, kept up for the rest, still makes the deadline, the chunk
+        goes at the lowest level (catching up); recompute only when even that cannot.
+        Predictions take the link as ``1 + margin`` times slower than estimated.
+        """
         bps = self.estimator.bps
         if bps is None:
             decision = Decision(self._chunk, self.start_level, budget_s, math.nan, None,
                                 "no throughput measured yet")
             return self._record(decision)
-        predicted = {lv: self.model.predict(lv, raw_bytes, bps, self._priors, overlap=self.overlap)
-                     for lv in self.options()}
+        safe_bps = bps / (1 + self.margin)
+        wait = queued_bytes / safe_bps
+        predicted = {lv: self._arrival(lv, raw_bytes, safe_bps, wait) for lv in self.options()}
         exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= budget_s]
         if exact:
             level = min(exact, key=predicted.__getitem__)
@@ -260,11 +331,31 @@ class LevelPolicy:
                 return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps,
                                              "best level that fits the budget"))
         lowest = self.levels[-1]
+        if rest is not None:
+            # recompute costs decode a whole prefill: only when the lowest level kept up for
+            # the rest would miss the deadline (and its grace) on the plain estimate
+            seconds_left, bytes_left = rest
+            steady = self.model.predict(lowest, max(bytes_left, raw_bytes), bps, self._priors,
+                                        overlap=self.overlap)
+            if queued_bytes / bps + steady <= seconds_left:
+                return self._record(Decision(self._chunk, lowest, budget_s, predicted[lowest], bps,
+                                             f"behind schedule: {lowest} catches up"))
         if self.allow_recompute:
             return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[lowest], bps,
                                          f"even {lowest} misses the budget"))
         return self._record(Decision(self._chunk, lowest, budget_s, predicted[lowest], bps,
                                      "misses the budget; recompute not allowed"))
+
+    def _arrival(self, level: str, raw_bytes: int, bps: float, wait: float) -> float:
+        """Seconds until a chunk sent at ``level`` now is acknowledged, behind ``wait``
+        seconds of bytes already on the wire (which its encoding overlaps when pipelined)."""
+        if not self.overlap:
+            return wait + self.model.predict(level, raw_bytes, bps, self._priors)
+        if not wait:
+            return self.model.predict(level, raw_bytes, bps, self._priors, overlap=True)
+        wire = self.model.predict(RAW, self.model.expected_bytes(level, raw_bytes), bps, {})
+        encode = 0.0 if level == RAW else raw_bytes * self.model.costs[level].encode_s_per_byte
+        return max(wait, encode) + wire
 
     def _record(self, decision: Decision) -> Decision:
         self._chunk += 1

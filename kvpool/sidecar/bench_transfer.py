@@ -46,6 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--adaptive-tokens", type=int, default=1024)
     parser.add_argument("--skip-adaptive", action="store_true")
+    parser.add_argument("--only-adaptive", action="store_true",
+                        help="run only the changing-bandwidth part (adaptive vs fixed levels)")
+    parser.add_argument("--policies", nargs="+", metavar="POLICY",
+                        help="policies of the adaptive part (default: adaptive, raw, every level)")
 
 
 # ---- nixl_vs_shm -------------------------------------------------------------------------
@@ -233,7 +237,7 @@ def greedy_match(tokens: int, levels: list[str], steps: int = 32) -> float:
     return harness.measure(kernels.KVCache(keys=ks, values=vs)).greedy_match
 
 
-def adaptive_runs(tokens: int, skipped: dict) -> dict | None:
+def adaptive_runs(tokens: int, skipped: dict, policies: list[str] | None = None) -> dict | None:
     reason = netns.unavailable()
     if reason:
         skipped["adaptive"] = reason
@@ -256,7 +260,7 @@ def adaptive_runs(tokens: int, skipped: dict) -> dict | None:
     best = min(model.predict(lv, chunk_bytes, 12.5e6, {}, overlap=True) for lv in LEVELS)
     deadline = (drop_after * chunk_bytes / 125e6 * 2 + 2 * chunk_bytes / 12.5e6
                 + (layers - drop_after - 2) * best * 1.3)
-    for policy in ("adaptive", "raw", *LEVELS):
+    for policy in policies or ("adaptive", "raw", *LEVELS):
         console.print(f"[bold]adaptive[/] {policy} (deadline {deadline * 1e3:.0f} ms)")
         try:
             with netns.Link("1gbit", latency_ms=20) as link:
@@ -277,11 +281,16 @@ def run(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     result: dict = {"tokens": args.tokens,
                     "note": "measured on a shared 2-core machine under load from other work"}
+    if args.only_adaptive:
+        result["adaptive"] = adaptive_runs(args.adaptive_tokens, skipped, args.policies)
+        result["skipped"] = skipped
+        print(json.dumps(result))
+        return 0
     console.print("[bold]nixl_vs_shm[/]")
     result.update(nixl_vs_shm(args.shm_mib * MiB, args.repeats))
     result["transfer"] = transfer_matrix(args.tokens, skipped)
     result["adaptive"] = None if args.skip_adaptive else adaptive_runs(args.adaptive_tokens,
-                                                                       skipped)
+                                                                       skipped, args.policies)
     result["skipped"] = skipped
     print(json.dumps(result))
     return 0

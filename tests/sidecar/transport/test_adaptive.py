@@ -164,3 +164,45 @@ def test_bad_configuration_is_refused(codec_model):
         LevelPolicy(codec_model, start_level="fastest")
     with pytest.raises(ValueError, match="no cost figures"):
         LevelPolicy(CodecModel({}), levels=LEVELS)
+
+
+def test_estimator_counts_the_gaps_a_shaped_link_refills_its_bucket_in():
+    # 100 kB chunks that each leave in 1 ms (a token bucket's burst) but are acknowledged
+    # 10 ms apart: the link sustains 10 MB/s, not 100.
+    est = ThroughputEstimator()
+    for i in range(1, 4):
+        est.observe(100_000, 0.001, at=0.010 * i)
+    assert est.bps == pytest.approx(300_000 / 0.021)
+    est.observe(100_000, 0.001)  # an untimed sample ends the span
+    assert est.bps == pytest.approx(100_000 / 0.001)
+
+
+def test_deadline_schedule_spreads_slack_and_makes_late_chunks_catch_up():
+    d = TransferDeadline(deadline=10.0, total_raw_bytes=4 * CHUNK, start=6.0, grace_s=1.0)
+    assert d.due(CHUNK) == pytest.approx(7.0)
+    assert d.budget(CHUNK, now=6.0) == pytest.approx(1.0)
+    d.sent(CHUNK)
+    # ahead of schedule: the slack is shared by the three chunks left
+    assert d.budget(CHUNK, now=6.4) == pytest.approx(3.6 / 3)
+    # behind: only until the chunk's due instant
+    assert d.budget(CHUNK, now=7.8) == pytest.approx(0.2)
+    assert d.rest(now=7.8) == (pytest.approx(3.2), 3 * CHUNK)
+    d.shift(1.0)
+    assert d.due(CHUNK) == pytest.approx(9.0) and d.deadline == pytest.approx(11.0)
+
+
+def test_behind_schedule_sends_the_lowest_level_and_recomputes_only_when_the_rest_cannot(
+        codec_model):
+    slow = _slow_link(codec_model)
+    policy = LevelPolicy(copy.deepcopy(codec_model), ThroughputEstimator(initial_bps=slow),
+                         overlap=True, margin=0.2)
+    steady = codec_model.predict("lowest", CHUNK, slow, {}, overlap=True)
+    late = policy.choose(CHUNK, budget_s=-0.01, rest=(10 * steady * 1.5, 10 * CHUNK))
+    assert late.level == "lowest" and "catches up" in late.reason
+    hopeless = policy.choose(CHUNK, budget_s=-0.01, rest=(10 * steady * 0.5, 10 * CHUNK))
+    assert hopeless.level == RECOMPUTE
+    # bytes still on the wire ahead of the chunk count against its budget
+    raw_s = CHUNK / slow
+    assert policy.choose(CHUNK, budget_s=raw_s * 2).level in (RAW, "lossless")
+    assert policy.choose(CHUNK, budget_s=raw_s * 2, queued_bytes=2 * CHUNK).level not in (
+        RAW, "lossless")
