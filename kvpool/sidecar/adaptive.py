@@ -22,6 +22,7 @@ sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEB
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -92,13 +93,20 @@ class ThroughputEstimator:
         return sum(n for n, _, _ in self._spans) / span if span > 0 else None
 
     @property
+    def mean_bps(self) -> float | None:
+        """The harmonic mean alone: steadier than :attr:`bps` (one stalled chunk does not set
+        it), for decisions that cannot be taken back."""
+        if not self._rates:
+            return None
+        return len(self._rates) / sum(1 / r for r in self._rates)
+
+    @property
     def bps(self) -> float | None:
         """The estimate, or None before the first sample when no initial guess was given."""
         if not self._rates:
             return None
-        harmonic = len(self._rates) / sum(1 / r for r in self._rates)
         delivered = self.delivered_bps()
-        return min(harmonic, self._rates[-1], delivered if delivered else math.inf)
+        return min(self.mean_bps, self._rates[-1], delivered if delivered else math.inf)
 
 
 @dataclass
@@ -196,9 +204,10 @@ class TransferDeadline:
     ``deadline`` is a ``time.monotonic()`` instant: the request's arrival plus its TTFT
     target, minus what decode needs after the KV is in (loading it and the first step).
     Each chunk gets the time left in proportion to its share of the raw bytes left
-    (:meth:`chunk_budget`). With ``start`` (when the transfer began) the chunks also have a
-    schedule: each is due when its share of the raw bytes, counted from the first chunk,
-    has had its share of the time (:meth:`due`), so that decode can load layer by layer.
+    (:meth:`chunk_budget`: slack is spread over the chunks left rather than spent on one).
+    With ``start`` (when the transfer began) the chunks also have a schedule: each is due
+    when its share of the raw bytes, counted from the first chunk, has had its share of the
+    time (:meth:`due`), so that decode can load layer by layer.
     """
 
     deadline: float
@@ -228,13 +237,6 @@ class TransferDeadline:
             return self.deadline
         share = min(1.0, (self.sent_raw_bytes + raw_bytes) / self.total_raw_bytes)
         return self.start + (self.deadline - self.start) * share
-
-    def budget(self, raw_bytes: int, now: float | None = None) -> float:
-        """Seconds the next chunk may take: its share of the time left (:meth:`chunk_budget`,
-        so that slack is spread over the chunks left rather than spent on one), but no later
-        than its due instant on the schedule (a chunk behind schedule gets less: it catches up)."""
-        now = time.monotonic() if now is None else now
-        return min(self.chunk_budget(raw_bytes, now), self.due(raw_bytes) - now)
 
     def rest(self, now: float | None = None) -> tuple[float, int]:
         """Seconds to the deadline (plus the grace) and raw bytes not yet sent (the next
@@ -302,14 +304,18 @@ class LevelPolicy:
         return ([RAW] if self.allow_raw else []) + list(self.levels)
 
     def choose(self, raw_bytes: int, budget_s: float, *, queued_bytes: int = 0,
+               queued_decode_s: float = 0.0, due_s: float | None = None,
                rest: tuple[float, int] | None = None) -> Decision:
-        """The level for the next chunk of ``raw_bytes`` that must arrive within ``budget_s``.
+        """The level for the next chunk of ``raw_bytes`` that may take ``budget_s``.
 
         ``queued_bytes``: bytes sent before it and not yet acknowledged (the chunk waits for
-        them on the wire). ``rest``: seconds to the request's deadline and the raw bytes
-        still to send, this chunk's included. When no level makes the chunk's own budget
-        but the lowest level, kept up for the rest, still makes the deadline, the chunk
-        goes at the lowest level (catching up); recompute only when even that cannot.
+        them on the wire, on top of its budget); ``queued_decode_s``: the receiver's time to
+        decode them (it acknowledges the next chunk only after). ``due_s``: seconds until the chunk is due
+        on the transfer's schedule (its arrival must also be within them). ``rest``: seconds
+        to the request's deadline and the raw bytes still to send, this chunk's included.
+        When no level fits but the fastest one, kept up for the rest, still makes the
+        deadline, the chunk goes at that level (catching up); recompute only when even that
+        cannot (judged on the steadier mean throughput: one stalled chunk is not a link).
         Predictions take the link as ``1 + margin`` times slower than estimated.
         """
         bps = self.estimator.bps
@@ -319,32 +325,67 @@ class LevelPolicy:
             return self._record(decision)
         safe_bps = bps / (1 + self.margin)
         wait = queued_bytes / safe_bps
-        predicted = {lv: self._arrival(lv, raw_bytes, safe_bps, wait) for lv in self.options()}
-        exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= budget_s]
+        predicted = {lv: max(self._arrival(lv, raw_bytes, safe_bps, wait), wait + queued_decode_s)
+                     for lv in self.options()}
+        limit = budget_s + wait if due_s is None else min(budget_s + wait, due_s)
+        exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= limit]
         if exact:
             level = min(exact, key=predicted.__getitem__)
             reason = ("encoding costs more than it saves" if level == RAW and "lossless" in predicted
                       else "exact form fits the budget")
             return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps, reason))
         for level in self.levels:
-            if predicted[level] <= budget_s:
+            if predicted[level] <= limit:
                 return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps,
                                              "best level that fits the budget"))
-        lowest = self.levels[-1]
+        # the level that arrives soonest (on a busy machine the lowest level's encoding may
+        # cost more than its fewer bytes save)
+        fastest = min(self.levels, key=predicted.__getitem__)
         if rest is not None:
-            # recompute costs decode a whole prefill: only when the lowest level kept up for
+            # recompute costs decode a whole prefill: only when the fastest level kept up for
             # the rest would miss the deadline (and its grace) on the plain estimate
             seconds_left, bytes_left = rest
-            steady = self.model.predict(lowest, max(bytes_left, raw_bytes), bps, self._priors,
+            mean = max(self.estimator.mean_bps or bps, bps)
+            steady = self.model.predict(fastest, max(bytes_left, raw_bytes), mean, self._priors,
                                         overlap=self.overlap)
-            if queued_bytes / bps + steady <= seconds_left:
-                return self._record(Decision(self._chunk, lowest, budget_s, predicted[lowest], bps,
-                                             f"behind schedule: {lowest} catches up"))
+            if queued_bytes / mean + steady <= seconds_left:
+                return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest],
+                                             bps, f"behind schedule: {fastest} catches up"))
         if self.allow_recompute:
-            return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[lowest], bps,
-                                         f"even {lowest} misses the budget"))
-        return self._record(Decision(self._chunk, lowest, budget_s, predicted[lowest], bps,
+            return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[fastest], bps,
+                                         f"even {fastest} misses the budget"))
+        return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest], bps,
                                      "misses the budget; recompute not allowed"))
+
+    def decode_s(self, level: str, raw_bytes: int) -> float:
+        """Predicted seconds to decode a chunk of ``raw_bytes`` sent at ``level``."""
+        if level not in self.model.costs:
+            return 0.0
+        return raw_bytes * self.model.costs[level].decode_s_per_byte
+
+    def revise(self, previous: Decision, raw_bytes: int, budget_s: float, *,
+               drop: float = 3.0, **context) -> Decision | None:
+        """Choose again for the chunk of ``previous`` (made while the chunk before it was
+        on the wire, so as to encode meanwhile) when the acknowledgements since have
+        brought the estimate below ``1 / drop`` of what it was then (a link, not one stalled
+        chunk on a busy machine): a chunk chosen for a
+        fast link and not sent yet is not put on a link that has just slowed down. Returns
+        the new decision when its level differs and is not a recompute (it replaces
+        ``previous`` in the counts), else None. ``context``: as for :meth:`choose`."""
+        bps = self.estimator.bps
+        if previous.bps is None or bps is None or bps * drop > previous.bps:
+            return None
+        counts, chunk, last = dict(self.counts), self._chunk, self._last_level
+        self._chunk = previous.chunk
+        decision = self.choose(raw_bytes, budget_s, **context)
+        self._chunk = chunk
+        if decision.level in (previous.level, RECOMPUTE):  # a recompute waits for the next chunk
+            self.counts, self._last_level = counts, last
+            return None
+        self.counts[previous.level] -= 1
+        if not self.counts[previous.level]:
+            del self.counts[previous.level]
+        return dataclasses.replace(decision, reason=f"revised ({decision.reason})")
 
     def _arrival(self, level: str, raw_bytes: int, bps: float, wait: float) -> float:
         """Seconds until a chunk sent at ``level`` now is acknowledged, behind ``wait``

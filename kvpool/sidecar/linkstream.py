@@ -125,6 +125,19 @@ def layer_chunks(keys, values) -> list[pb.RawChunk]:
     return out
 
 
+def _budget(policy: adaptive.LevelPolicy, deadline: adaptive.TransferDeadline, raw_bytes: int,
+            pending=None) -> dict:
+    """The arguments of ``LevelPolicy.choose`` for the next chunk, now: its share of the
+    time left, the chunk still on the wire ahead of it (bytes, and its decoding: the receiver
+    acknowledges the next one after), its due instant, the rest."""
+    now = time.monotonic()
+    queued = pending[0] if pending is not None else None
+    return {"budget_s": deadline.chunk_budget(raw_bytes, now),
+            "queued_bytes": queued.wire_bytes if queued else 0,
+            "queued_decode_s": policy.decode_s(queued.level, queued.raw_bytes) if queued else 0.0,
+            "due_s": deadline.due(raw_bytes) - now, "rest": deadline.rest(now)}
+
+
 def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolicy | str,
          deadline_s: float, *, on_chunk=None, hold=None, timeout: float = 120.0) -> StreamReport:
     """Stream ``raw_chunks`` to a ``serve`` end at ``target`` within ``deadline_s``.
@@ -194,15 +207,12 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
             raw_bytes = len(raw.keys) + len(raw.values)
             sent_raw += raw_bytes
             due = deadline_s * sent_raw / total
+            decision = None
             if isinstance(policy, str):
                 level = policy
             else:
-                # the chunk is due on the schedule every policy is measured against; the
-                # one before it may still be on the wire
-                now = time.monotonic()
-                queued = pending[0].wire_bytes if pending is not None else 0
-                level = policy.choose(raw_bytes, deadline.budget(raw_bytes, now),
-                                      queued_bytes=queued, rest=deadline.rest(now)).level
+                decision = policy.choose(raw_bytes, **_budget(policy, deadline, raw_bytes, pending))
+                level = decision.level
             if level == adaptive.RECOMPUTE:
                 report.recompute = True
                 if pending is not None:
@@ -214,10 +224,18 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
             t0 = time.perf_counter()
             payload = codec.encode(raw, level, num_layers)  # overlaps the previous chunk's wire time
             t1 = time.perf_counter()
-            if not isinstance(policy, str) and level != adaptive.RAW:
-                policy.model.observe(level, raw_bytes, len(payload), t1 - t0)
             if pending is not None:
                 settle()
+                if decision is not None:  # the acknowledgement may show the link slowed down
+                    revised = policy.revise(decision, raw_bytes,
+                                            **_budget(policy, deadline, raw_bytes))
+                    if revised is not None:
+                        level = revised.level
+                        t0 = time.perf_counter()
+                        payload = codec.encode(raw, level, num_layers)
+                        t1 = time.perf_counter()
+            if not isinstance(policy, str) and level != adaptive.RAW:
+                policy.model.observe(level, raw_bytes, len(payload), t1 - t0)
             with ready:
                 outbox.append(pb.WireChunk(key=raw.key, level=level, payload=payload,
                                            crc32c=google_crc32c.value(payload),
@@ -279,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
         sample = kernels.KVCache(keys=[keys[0]], values=[values[0]])
         model = adaptive.CodecModel.calibrate(lambda kv, lv: kernels.encode(kv, level=lv),
-                                              kernels.decode, sample, kernels.LEVELS)
+                                              kernels.decode, sample, kernels.LEVELS,
+                                              repeats=3)
         initial = args.initial_mbps * 1e6 / 8 if args.initial_mbps else None
         policy: adaptive.LevelPolicy | str = adaptive.LevelPolicy(
             model, adaptive.ThroughputEstimator(initial_bps=initial), overlap=True, margin=0.2)
