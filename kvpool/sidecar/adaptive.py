@@ -9,12 +9,16 @@ The sender streams a prompt's KV chunk by chunk. Before encoding a chunk it asks
   (:class:`CodecModel`: compressed/raw ratio, encode and decode seconds per raw byte),
 - the time left before the KV must be in decode (:class:`TransferDeadline`, derived from
   the request's TTFT target), shared among the chunks still to send in proportion to
-  their raw size.
+  their raw size, and, where the transfer has a schedule, the instant the chunk is due,
+- the chunk still on the wire ahead of it (a pipelined stream encodes the next chunk
+  meanwhile), whose bytes and decoding it waits for.
 
-The answer is the best-quality option predicted to arrive in time, where ``raw`` (the
-uncompressed bytes) ranks with ``lossless`` (both are exact) and wins over it when the link
-is fast enough that encoding would cost more time than it saves. When even the lowest
-level cannot make it, the answer is ``recompute``: decode runs the prefill itself.
+The answer is the best-quality option predicted to arrive in time on a link a margin
+slower than measured, where ``raw`` (the uncompressed bytes) ranks with ``lossless`` (both
+are exact) and wins over it when the link is fast enough that encoding would cost more time
+than it saves. When nothing fits, the fastest level catches up as long as it can still make
+the deadline (plus a grace) for the whole rest; only when it cannot is the answer
+``recompute``: decode runs the prefill itself.
 Every decision is counted (``LevelPolicy.counts``, and through ``on_decision`` in the
 sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEBUG).
 """
@@ -367,9 +371,9 @@ class LevelPolicy:
                drop: float = 3.0, **context) -> Decision | None:
         """Choose again for the chunk of ``previous`` (made while the chunk before it was
         on the wire, so as to encode meanwhile) when the acknowledgements since have
-        brought the estimate below ``1 / drop`` of what it was then (a link, not one stalled
-        chunk on a busy machine): a chunk chosen for a
-        fast link and not sent yet is not put on a link that has just slowed down. Returns
+        brought the estimate below ``1 / drop`` of what it was then (a link slowing down,
+        more than a busy machine's stall): a chunk chosen for a fast link and not sent yet
+        is not put on a link that has just slowed down. Returns
         the new decision when its level differs and is not a recompute (it replaces
         ``previous`` in the counts), else None. ``context``: as for :meth:`choose`."""
         bps = self.estimator.bps
