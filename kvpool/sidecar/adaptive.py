@@ -342,9 +342,9 @@ class LevelPolicy:
             if predicted[level] <= limit:
                 return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps,
                                              "best level that fits the budget"))
-        # the level that arrives soonest (on a busy machine the lowest level's encoding may
-        # cost more than its fewer bytes save)
-        fastest = min(self.levels, key=predicted.__getitem__)
+        # the form that arrives soonest: raw on a fast link; on a busy machine the lowest
+        # level's encoding may cost more than its fewer bytes save
+        fastest = min(predicted, key=predicted.__getitem__)
         if rest is not None:
             # recompute costs decode a whole prefill: only when the fastest level kept up for
             # the rest would miss the deadline (and its grace) on the plain estimate
