@@ -287,6 +287,9 @@ class LevelPolicy:
     margin: float = 0.0
     """Safety margin: predictions take the link as ``1 + margin`` times slower than measured
     (a shaped link's bursts, a busy machine's jitter)."""
+    recompute_samples: int = 3
+    """Acknowledged chunks measured before a recompute may be decided (it cannot be taken
+    back; two stalled chunks on a busy machine are not a slow link)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called with every decision (the sidecar counts them in its metrics)."""
     name: str = "adaptive"
@@ -352,7 +355,8 @@ class LevelPolicy:
             mean = max(self.estimator.mean_bps or bps, bps)
             steady = self.model.predict(fastest, max(bytes_left, raw_bytes), mean, self._priors,
                                         overlap=self.overlap)
-            if queued_bytes / mean + steady <= seconds_left:
+            if queued_bytes / mean + steady <= seconds_left or (
+                    self.estimator.samples < self.recompute_samples):
                 return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest],
                                              bps, f"behind schedule: {fastest} catches up"))
         if self.allow_recompute:

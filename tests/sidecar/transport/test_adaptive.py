@@ -196,6 +196,10 @@ def test_behind_schedule_sends_the_fastest_level_and_recomputes_only_when_the_re
     steady = min(codec_model.predict(lv, CHUNK, slow, {}, overlap=True) for lv in LEVELS)
     late = policy.choose(CHUNK, budget_s=-0.01, rest=(10 * steady * 1.5, 10 * CHUNK))
     assert late.level in LEVELS[1:] and "catches up" in late.reason
+    early = policy.choose(CHUNK, budget_s=-0.01, rest=(10 * steady * 0.5, 10 * CHUNK))
+    assert early.level != RECOMPUTE, "not on fewer than 3 measured chunks"
+    for _ in range(3):
+        policy.estimator.observe(CHUNK, CHUNK / slow)
     hopeless = policy.choose(CHUNK, budget_s=-0.01, rest=(10 * steady * 0.5, 10 * CHUNK))
     assert hopeless.level == RECOMPUTE
     # bytes still on the wire ahead of the chunk count against its budget
