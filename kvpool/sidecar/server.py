@@ -383,6 +383,10 @@ class LocalService(pb_grpc.LocalServicer):
             codec.check_level(level)
             payload = await s.run_codec("encode", codec.encode, raw, level,
                                              request.num_layers)
+            if level != codec.RAW and len(payload) >= len(raw.keys) + len(raw.values):
+                # Too few tokens for the codec to pay (its exact first rows and tables):
+                # the chunk goes as it is; the decode side reads each chunk's own level.
+                level, payload = codec.RAW, codec.encode(raw, codec.RAW)
             key = pb.ChunkKey()
             key.CopyFrom(raw.key)  # not a view: it would keep the whole request alive
             transfer.add(peerwire.Chunk(

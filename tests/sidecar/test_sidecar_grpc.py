@@ -335,3 +335,15 @@ async def test_each_layer_codes_with_its_bins_over_the_model_depth(pair):
     lowest = kernels.levels.get("lowest")
     assert bins == {i: [lowest.layer_bins(i, LAYERS)] for i in range(LAYERS)}
     assert bins[0] != bins[LAYERS - 1]
+
+
+async def test_a_chunk_too_small_for_the_codec_goes_raw(pair):
+    """A few tokens cost the codec more than they weigh (exact first rows, tables): such a
+    chunk is sent as it is, and says so in its level."""
+    if "default" not in codec.levels():
+        pytest.skip("the codec's lossy levels are not built here")
+    (prefill, _), (p_local, _) = pair
+    await put_transfer(p_local, "t12", list(range(64)), [(0, 3), (3, 64)], level="default",
+                       num_layers=LAYERS)
+    levels = {(c.key.token_start, c.level) for c in prefill.store.get("t12").chunks}
+    assert levels == {(0, "raw"), (3, "default")}
