@@ -198,12 +198,17 @@ def _header(view: np.ndarray) -> dict[str, Any]:
     return _codec.parse(view)
 
 
+def _raw_bytes(h: dict[str, Any]) -> int:
+    """Bytes of the keys and values a parsed header describes, in the frame's dtype."""
+    elem = {1: 2, 2: 2, 3: 4}[h["dtype"]]
+    return sum(2 * t * w * elem for t, w, *_ in h["layers"])
+
+
 def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
     """The header of a frame (a prefix holding the header is enough; the checksum is not
     verified here). Raises CodecError when the header is malformed."""
     _, view = _buffer(data)
     h = _header(view)
-    elem = {1: 2, 2: 2, 3: 4}[h["dtype"]]
     zero = bytes(16)
     return ChunkInfo(
         version=int(view[4]),
@@ -214,7 +219,7 @@ def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
         bins=[tuple(b) for *_, b0, b1, b2, b3 in h["layers"] for b in [(b0, b1, b2, b3)]],
         profile_hash=None if h["profile_hash"] == zero else h["profile_hash"].hex(),
         exact_rows=h["exact_rows"],
-        raw_bytes=sum(2 * t * w * elem for t, w, *_ in h["layers"]),
+        raw_bytes=_raw_bytes(h),
         encoded_bytes=h["frame_size"],
     )
 
@@ -255,8 +260,7 @@ def decode(
     raw, view = _buffer(data)
     _verify(raw)
     h = _header(view)
-    elem = {1: 2, 2: 2, 3: 4}[h["dtype"]]
-    raw_bytes = sum(2 * t * w * elem for t, w, *_ in h["layers"])
+    raw_bytes = _raw_bytes(h)
     if max_raw_bytes is not None and raw_bytes > max_raw_bytes:
         raise CodecError(f"the frame decodes to {raw_bytes} bytes, more than the "
                          f"{max_raw_bytes} allowed")
