@@ -196,16 +196,23 @@ async def test_a_peer_restarted_on_the_same_port_never_serves_stale_state(cluste
     await nothing_held(decode, new)
 
 
-async def test_a_chunk_corrupted_on_the_wire_never_reaches_the_connector(cluster):
+async def load_through_proxy(cluster, mode: str):
+    """A transfer put at a prefill sidecar and loaded by a decode sidecar that pulls it
+    through a :class:`Proxy` in ``mode``: (prefill, decode, proxy, load's result)."""
     start, local = cluster
     prefill, decode = start("prefill", "decode")
-    proxy = await Proxy(prefill.peer, "corrupt").start()
+    proxy = await Proxy(prefill.peer, mode).start()
     try:
         await put(local(prefill), "t", range(LAYERS))
-        got, end, error = await load(local(decode), pb.LoadRequest(
+        result = await load(local(decode), pb.LoadRequest(
             transfer_id="t", model=MODEL, peer=proxy.address))
     finally:
         await proxy.stop()
+    return prefill, decode, proxy, result
+
+
+async def test_a_chunk_corrupted_on_the_wire_never_reaches_the_connector(cluster):
+    prefill, decode, proxy, (got, end, error) = await load_through_proxy(cluster, "corrupt")
     assert proxy.corrupted == 1
     recomputes(error)
     assert "corrupt" in error.details()
@@ -219,15 +226,7 @@ async def test_a_chunk_corrupted_on_the_wire_never_reaches_the_connector(cluster
 async def test_a_starved_link_ends_at_the_deadline_in_recompute(cluster, mode):
     """``stall``: the prefill sidecar answers but its bytes never arrive; ``silent``: the
     peer accepts the connection and never says anything."""
-    start, local = cluster
-    prefill, decode = start("prefill", "decode")
-    proxy = await Proxy(prefill.peer, mode).start()
-    try:
-        await put(local(prefill), "t", range(LAYERS))
-        got, end, error = await load(local(decode), pb.LoadRequest(
-            transfer_id="t", model=MODEL, peer=proxy.address))
-    finally:
-        await proxy.stop()
+    prefill, decode, proxy, (got, end, error) = await load_through_proxy(cluster, mode)
     recomputes(error)
     assert not got and end is None
     assert await metric(decode, FAILURES, side="decode", reason="timeout") == 1
