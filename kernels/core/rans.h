@@ -18,18 +18,29 @@ constexpr uint32_t kRansLow = 1u << 16;  // lower bound of the normalized state
 constexpr uint32_t kRansStates = 2;
 constexpr uint32_t kMaxAlphabet = 256;
 
-// A probability table in decoder form: cum[0] = 0 <= ... <= cum[n] = 2^16.
+// Decoder lookup: the 2^16 slots are cut into 2^kLutBits buckets, and each table keeps the
+// symbol that holds the first slot of every bucket, so that finding a symbol is one load and
+// (rarely more than) one comparison instead of a binary search.
+constexpr uint32_t kLutBits = 8;
+constexpr uint32_t kLutShift = kProbBits - kLutBits;
+constexpr uint32_t kLutWords = (1u << kLutBits) / 4;  // one byte per bucket
+
+// A probability table in decoder form: cum[0] = 0 <= ... <= cum[n] = 2^16, followed by the
+// bucket lookup (kLutWords words) in the same array.
 struct Table {
-    const uint32_t* cum;  // n + 1 entries
+    const uint32_t* cum;  // n + 1 entries, then the lookup
     uint32_t n;           // alphabet size
 };
+
+// 32-bit words one table of n symbols takes in a plan's table array.
+KVP_HD uint64_t table_words(uint32_t n) { return (uint64_t)n + 1 + kLutWords; }
 
 // Worst case encoded size of a stream of `symbols` symbols: every symbol moves at most one
 // 16-bit word, plus the flushed states.
 KVP_HD uint64_t rans_bound(uint64_t symbols) { return 2 * symbols + 4 * kRansStates; }
 
-// Validate 16-bit frequencies read from a bitstream and build the cumulative table.
-// "Must" rules: every frequency >= 1 and their sum == 2^16.
+// Validate 16-bit frequencies read from a bitstream and build the cumulative table and its
+// lookup (table_words(n) words at cum). "Must" rules: every frequency >= 1, sum == 2^16.
 KVP_HD int32_t build_cum(const uint8_t* freqs_le, uint32_t n, uint32_t* cum) {
     KVP_CHECK(n >= 2 && n <= kMaxAlphabet, kCorrupt);
     uint32_t total = 0;
@@ -41,6 +52,12 @@ KVP_HD int32_t build_cum(const uint8_t* freqs_le, uint32_t n, uint32_t* cum) {
         cum[s + 1] = total;
     }
     KVP_CHECK(total == kProbTotal, kCorrupt);
+    uint8_t* lut = (uint8_t*)(cum + n + 1);
+    uint32_t s = 0;
+    for (uint32_t b = 0; b < (1u << kLutBits); ++b) {
+        while (cum[s + 1] <= (b << kLutShift)) ++s;
+        lut[b] = (uint8_t)s;
+    }
     return kOk;
 }
 
@@ -62,15 +79,13 @@ KVP_HD void normalize_freqs(const uint64_t* counts, uint32_t n, uint16_t* freqs)
     freqs[best] = (uint16_t)(freqs[best] + (kProbTotal - sum));
 }
 
-// Symbol whose interval holds `slot` (branchless binary search over cum).
+// Symbol whose interval holds `slot`: the bucket's first symbol, then forward. The walk ends
+// by cum[n] = 2^16 > slot, so it never leaves the table.
 KVP_HD uint32_t find_symbol(const Table& t, uint32_t slot) {
-    uint32_t lo = 0, n = t.n;
-    while (n > 1) {
-        uint32_t half = n >> 1;
-        lo = (t.cum[lo + half] <= slot) ? lo + half : lo;
-        n -= half;
-    }
-    return lo;
+    const uint8_t* lut = (const uint8_t*)(t.cum + t.n + 1);
+    uint32_t s = lut[slot >> kLutShift];
+    while (t.cum[s + 1] <= slot) ++s;
+    return s;
 }
 
 // ---- encoder ----------------------------------------------------------------------------

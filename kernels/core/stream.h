@@ -58,7 +58,7 @@ struct LossyTables {
 KVP_HD Table lossy_table(const LossyTables& tb, bool anchor, uint32_t c, int32_t h) {
     uint32_t n = (uint32_t)(2 * h + 1);
     Table t;
-    t.cum = (anchor ? tb.anchor_cum : tb.delta_cum) + (uint64_t)(c / tb.table_group) * (n + 1);
+    t.cum = (anchor ? tb.anchor_cum : tb.delta_cum) + (uint64_t)(c / tb.table_group) * table_words(n);
     t.n = n;
     return t;
 }
@@ -138,7 +138,7 @@ KVP_HD void encode_lossless_stream(const uint8_t* x, uint32_t elem, const uint32
             const uint8_t* px = x + ((uint64_t)t * g.width + c) * elem;
             for (uint32_t k = elem; k-- > 0;) {
                 --i;
-                const uint32_t* tc = cum + k * (kMaxAlphabet + 1);
+                const uint32_t* tc = cum + k * table_words(kMaxAlphabet);
                 uint32_t sym = px[k];
                 rans_put(e, (uint32_t)(i % kRansStates), tc[sym], tc[sym + 1] - tc[sym]);
             }
@@ -159,7 +159,7 @@ KVP_HD int32_t decode_lossless_stream(const uint32_t* cum, uint32_t elem, const 
             uint8_t* px = out + ((uint64_t)t * g.width + c) * elem;
             for (uint32_t k = 0; k < elem; ++k, ++i) {
                 Table tab;
-                tab.cum = cum + k * (kMaxAlphabet + 1);
+                tab.cum = cum + k * table_words(kMaxAlphabet);
                 tab.n = kMaxAlphabet;
                 uint32_t sym;
                 KVP_TRY(rans_get(d, (uint32_t)(i % kRansStates), tab, &sym));

@@ -30,7 +30,7 @@ static Plan layout(const Header& h) {
         d.width = l.width;
         if (h.lossless()) {
             d.anchor_cum = nc;
-            nc += (uint64_t)elem * (kMaxAlphabet + 1);
+            nc += elem * table_words(kMaxAlphabet);
         } else {
             d.ha = h.half_anchor(p);
             d.hd = h.half_delta(p);
@@ -39,9 +39,9 @@ static Plan layout(const Header& h) {
             d.scale = nf + 2ull * l.width;
             nf += 2ull * l.width + d.tokens;
             d.anchor_cum = nc;
-            nc += (uint64_t)h.n_tables(p) * (2 * d.ha + 2);
+            nc += h.n_tables(p) * table_words(2 * d.ha + 1);
             d.delta_cum = nc;
-            if (h.anchor_group > 1) nc += (uint64_t)h.n_tables(p) * (2 * d.hd + 2);
+            if (h.anchor_group > 1) nc += h.n_tables(p) * table_words(2 * d.hd + 1);
         }
         plan.planes.push_back(d);
     }
@@ -57,16 +57,16 @@ static int32_t tables_from(Plan& plan, uint32_t p, const uint8_t* le) {
     if (h.lossless()) {
         for (uint32_t k = 0; k < dtype_size(h.dtype); ++k)
             KVP_TRY(build_cum(le + 2ull * kMaxAlphabet * k, kMaxAlphabet,
-                              &plan.cum[d.anchor_cum + (uint64_t)(kMaxAlphabet + 1) * k]));
+                              &plan.cum[d.anchor_cum + table_words(kMaxAlphabet) * k]));
         return kOk;
     }
     uint32_t n_tables = h.n_tables(p);
     uint32_t na = 2 * d.ha + 1, nd = 2 * d.hd + 1;
     for (uint32_t i = 0; i < n_tables; ++i, le += 2 * na)
-        KVP_TRY(build_cum(le, na, &plan.cum[d.anchor_cum + (uint64_t)i * (na + 1)]));
+        KVP_TRY(build_cum(le, na, &plan.cum[d.anchor_cum + i * table_words(na)]));
     if (h.anchor_group > 1)
         for (uint32_t i = 0; i < n_tables; ++i, le += 2 * nd)
-            KVP_TRY(build_cum(le, nd, &plan.cum[d.delta_cum + (uint64_t)i * (nd + 1)]));
+            KVP_TRY(build_cum(le, nd, &plan.cum[d.delta_cum + i * table_words(nd)]));
     return kOk;
 }
 
