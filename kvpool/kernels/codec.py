@@ -159,7 +159,7 @@ def encode(
     if not (0 <= first and first + n <= count):
         raise CodecError(f"depth={depth}: {n} layers from layer {first} do not fit in {count}")
     use_profile = profile is not None and not lv.lossless
-    steps = profile.steps() if use_profile else []
+    steps = profile.steps(lv) if use_profile else []
     if len(steps) != 2 * count or n != count:  # bins follow a profile made for this model
         steps = [0] * (2 * count)
     layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]),

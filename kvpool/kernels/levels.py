@@ -29,8 +29,11 @@ overhead (8 bytes of state, 4 of size) near 1 % and give a GPU thousands of stre
 
 
 BIN_LADDER: tuple[int, ...] = (3, 5, 7, 9, 11, 15, 21, 31, 43, 63, 91, 127, 181, 255)
-"""Bins a profile may move a plane to: one step finer or coarser than its level's bins,
-for the planes where the model is most or least sensitive to errors."""
+"""Bins a profile may move a plane to, finer where the model is sensitive to errors and
+coarser where it is not; one step is about half a bit per value."""
+
+REACH = 3
+"""How many ladder steps a profile may move a plane's bins either way."""
 
 
 def shifted(bins: int, steps: int) -> int:
@@ -84,13 +87,13 @@ class Level:
                 shifted(_pick(self.value_delta_bins, depth), vs), *anchor)
 
     def all_bins(self, neighbours: bool = True) -> set[tuple[str, int]]:
-        """Every (role, bins) this level can use, with ``neighbours`` one ladder step either
-        way included: role "a" for anchor rows (every row when ``anchor_group == 1``), "d"
-        for the others."""
+        """Every (role, bins) this level can use, with ``neighbours`` up to :data:`REACH`
+        ladder steps either way included: role "a" for anchor rows (every row when
+        ``anchor_group == 1``), "d" for the others."""
         out = {("a", b) for s in (self.key_bins, self.value_bins) for _, b in s}
         if self.anchor_group > 1:
             out |= {("d", b) for s in (self.key_delta_bins, self.value_delta_bins) for _, b in s}
-        steps = (-1, 0, 1) if neighbours else (0,)
+        steps = range(-REACH, REACH + 1) if neighbours else (0,)
         return {(role, shifted(b, step)) for role, b in out for step in steps}
 
 
@@ -128,6 +131,9 @@ LEVEL_TABLE: tuple[Level, ...] = (
 """Every level, best quality first."""
 
 LEVELS: tuple[str, ...] = tuple(level.name for level in LEVEL_TABLE)
+
+PROBE = LEVELS[-1]
+"""The coarsest level: a profile's sensitivity is the model's response to its errors."""
 
 
 def get(name: str) -> Level:

@@ -8,9 +8,9 @@ probability table per channel for anchor rows ("a") and other rows ("d").
 
 A profile may also hold the model's *sensitivity*: per plane, how much the model's output
 moves (KL divergence) when that plane is quantized coarsely (:mod:`kvpool.kernels.sensitivity`).
-Encoding with such a profile moves every level's bins one step finer on the third of the
-planes the model is most sensitive to and one step coarser on the least sensitive third
-(:meth:`Profile.steps`); the bins land in each chunk's header as always.
+Encoding with such a profile moves every level's bins along the ladder, finer on the planes
+the model is most sensitive to and coarser on the others, as rate-distortion theory
+allocates bits (:meth:`Profile.steps`); the bins land in each chunk's header as always.
 
 File format (version 1): a numpy ``.npz`` archive (no pickles) with ``meta`` (UTF-8 JSON:
 format, version, model, planes, widths, hash), arrays ``p{plane}.mu``, ``p{plane}.sigma``
@@ -80,15 +80,32 @@ class Profile:
         """Per plane, the KL divergence the model showed with that plane coarsely quantized."""
         return self._arrays.get("sensitivity")
 
-    def steps(self) -> list[int]:
-        """Per plane, the ladder steps its bins move: +1 for the most sensitive third of the
-        planes, -1 for the least sensitive third, 0 for the rest (all 0 without a
-        sensitivity)."""
+    def steps(self, level: levels.Level | None = None) -> list[int]:
+        """Per plane, the ladder steps its bins move under ``level`` (all 0 without a
+        sensitivity).
+
+        Rate-distortion allocation: a plane's share of the output error is its sensitivity
+        scaled from the probe's bins to the level's (errors grow with the square of the
+        quantization step), and the error is least for a given size when every plane's step
+        is proportional to the square root of its share, i.e. when its bins move one ladder
+        step (about 1.4x, half a bit) per doubling of its share over the planes' geometric
+        mean, up to :data:`levels.REACH` steps either way. The moves add up to about zero,
+        so the chunk's size stays near the level's own.
+        """
         sens = self.sensitivity
-        if sens is None or not len(sens):
+        n = len(self.widths) // 2
+        if sens is None or not len(sens) or len(sens) != 2 * n:
             return [0] * len(self.widths)
-        lo, hi = np.quantile(sens, [1 / 3, 2 / 3])
-        return [1 if x > hi else -1 if x < lo else 0 for x in sens.tolist()]
+        probe = levels.get(levels.PROBE)
+        share = np.maximum(sens.astype(np.float64), max(float(sens.max()), 1e-12) * 1e-3)
+        if level is not None and not level.lossless:
+            for i in range(n):
+                pb, lb = probe.layer_bins(i, n)[2:], level.layer_bins(i, n)[2:]
+                for side in (0, 1):
+                    share[2 * i + side] *= ((pb[side] - 1) / (lb[side] - 1)) ** 2
+        octaves = np.log2(share)
+        steps = np.clip(np.round(octaves - octaves.mean()), -levels.REACH, levels.REACH)
+        return [int(x) for x in steps]
 
     @property
     def hash_bytes(self) -> bytes:

@@ -120,32 +120,39 @@ def test_ladder_moves_bins_one_step() -> None:
 
 
 def test_sensitivity_moves_bins_to_the_planes_that_matter(profile_samples, tmp_path) -> None:
-    """Planes ranked by sensitivity: the top third one ladder step finer, the bottom third
-    one coarser; the bins land in the header, so decoding needs nothing more."""
+    """One ladder step per doubling of a plane's share of the error over the geometric mean
+    (clipped to the reach); the bins land in the header, so decoding needs nothing more."""
     from kvpool.kernels import levels
 
     sens = np.array([0.5, 0.01, 0.02, 0.3, 0.001, 0.1], np.float32)  # 3 layers x (K, V)
     profile = Profile.build(profile_samples, model="synthetic", sensitivity=sens)
-    assert profile.steps() == [1, -1, 0, 1, -1, 0]
+    # log2 shares -1, -6.6, -5.6, -1.7, -10, -3.3 around their mean -4.7
+    assert profile.steps() == [3, -2, -1, 3, -3, 1]
+    lv = levels.get("default")
+    # under a level, shares are scaled from the probe's bins to the level's: the keys of
+    # layers 1-2 (probe 9 bins, default 21) weigh (8/20)^2 of their sensitivity, so layer 1's
+    # keys move two steps coarser, not one
+    steps = profile.steps(lv)
+    assert steps == [3, 0, -2, 3, -3, 1]
     kv = profile_samples[1]
     data = encode(kv, "default", profile)
-    lv = levels.get("default")
-    steps = profile.steps()
     assert peek(data).bins == [lv.layer_bins(i, 3, (steps[2 * i], steps[2 * i + 1]))
                                for i in range(3)]
-    assert peek(data).bins[0][2] == levels.shifted(peek(encode(kv, "default")).bins[0][2], 1)
+    assert peek(data).bins[0][2] == levels.shifted(peek(encode(kv, "default")).bins[0][2], 3) == 63
     out = decode(data, profile)
     assert all(o.shape == k.shape for o, k in zip(out.keys, kv.keys))
     path = tmp_path / "p.kvprofile"
     profile.save(path)
     again = Profile.load(path)
-    assert again.hash == profile.hash and again.steps() == profile.steps()
+    assert again.hash == profile.hash and again.steps(lv) == steps
     assert Profile.build(profile_samples, model="synthetic").hash != profile.hash
 
 
 def test_a_profile_without_sensitivity_keeps_the_level_bins(profile, profile_samples) -> None:
     kv = profile_samples[0]
-    assert profile.steps() == [0] * 6
+    from kvpool.kernels import levels
+
+    assert profile.steps() == profile.steps(levels.get("default")) == [0] * 6
     assert peek(encode(kv, "default", profile)).bins == peek(encode(kv, "default")).bins
 
 
