@@ -52,10 +52,18 @@ class ChunkInfo:
     profile_hash: str | None
     exact_rows: int
     """Leading rows of every layer stored verbatim (the sequence's first tokens)."""
+    contexts: bool
+    """Whether the symbol above chooses each symbol's table (a profile's context tables)."""
     raw_bytes: int
     """Size of the decoded keys and values in the chunk's dtype."""
     encoded_bytes: int
     """Size of the whole frame, checksum included."""
+
+
+FLAG_PROFILE = 1
+"""Header flag: the chunk's statistics and tables come from a profile."""
+FLAG_CONTEXTS = 2
+"""Header flag: the symbol above chooses each symbol's table (context tables of a profile)."""
 
 
 def default_threads() -> int:
@@ -165,7 +173,8 @@ def encode(
     layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]),
                *lv.layer_bins(first + i, count, (steps[2 * (first + i)], steps[2 * (first + i) + 1])))
               for i in range(n)]
-    tables = profile.tables_for(lv.anchor_group, layers) if use_profile else None
+    contexts = use_profile and lv.anchor_group == 1 and profile.has_contexts(layers)
+    tables = profile.tables_for(lv.anchor_group, layers, contexts) if use_profile else None
     group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)
     args = {
         "lossless": lv.lossless,
@@ -178,6 +187,7 @@ def encode(
         "layers": layers,
         "profile_hash": profile.hash_bytes if use_profile else None,
         "profile": tables,
+        "contexts": contexts,
     }
     if _on_cuda(planes):
         frame = _cuda().encode(planes, **args)
@@ -219,6 +229,7 @@ def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
         bins=[tuple(b) for *_, b0, b1, b2, b3 in h["layers"] for b in [(b0, b1, b2, b3)]],
         profile_hash=None if h["profile_hash"] == zero else h["profile_hash"].hex(),
         exact_rows=h["exact_rows"],
+        contexts=bool(h["flags"] & FLAG_CONTEXTS),
         raw_bytes=_raw_bytes(h),
         encoded_bytes=h["frame_size"],
     )
@@ -265,13 +276,14 @@ def decode(
         raise CodecError(f"the frame decodes to {raw_bytes} bytes, more than the "
                          f"{max_raw_bytes} allowed")
     tables = None
-    if h["flags"] & 1:
+    if h["flags"] & FLAG_PROFILE:
         want = h["profile_hash"].hex()
         if profile is None:
             raise CodecError(f"the chunk needs profile {want}; none given")
         if profile.hash != want:
             raise CodecError(f"the chunk needs profile {want}, not {profile.hash}")
-        tables = profile.tables_for(h["anchor_group"], h["layers"])
+        tables = profile.tables_for(h["anchor_group"], h["layers"],
+                                    bool(h["flags"] & FLAG_CONTEXTS))
     dtype = getattr(torch, DTYPES[h["dtype"]])
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):

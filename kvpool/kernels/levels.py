@@ -113,11 +113,15 @@ def _pick(schedule: Schedule, depth: float) -> int:
 #   anchor row (post-RoPE keys of neighbouring tokens differ in their fast-rotating
 #   channels): at ratio 5.0, KL 0.021 against 0.036.
 # - A profile's sensitivity (kvpool.kernels.sensitivity) moves bins to the planes that
-#   matter: at the same ratio it halves the KL (31/15: 0.0053 -> 0.0028; 15/11: 0.021 ->
-#   0.011).
+#   matter, one ladder step per doubling of a plane's share of the error (Profile.steps): at
+#   keys 21 / values 11, KL 0.0073 with the planes' top and bottom thirds moved one step,
+#   0.0048 with that allocation, at the same size.
+# - A profile's context tables (the symbol above chooses the table) shrink chunks by 4 %
+#   at the same quality.
+# With a profile (256-token chunks):
 #   high     keys 63, values 31 bins            ratio 3.2, KL 0.0006
-#   default  keys 21, values 11                 ratio 4.6, KL 0.007, perplexity +0.6 %
-#   low      keys 15, values 11                 ratio 5.0, KL 0.011, perplexity +2 %
+#   default  keys 21, values 11                 ratio 4.7, KL 0.005, perplexity +0.3 %
+#   low      keys 15, values 11                 ratio 5.1, KL 0.009, perplexity +1.1 %
 #   lowest   keys 9, values 7 (15 / 11 in the first 10 % of the layers)    ratio 6.5, KL 0.04
 SINKS = 4
 LEVEL_TABLE: tuple[Level, ...] = (

@@ -4,7 +4,9 @@ A profile is computed once from real KV caches of a model and identified by a co
 hash; a chunk encoded with it names the hash (16 bytes) instead of carrying its tables.
 For every plane (layer-major, keys before values) it holds the channel midpoints and half
 ranges (bf16 bits) and, for every anchor group and bins a level table uses, one 16-bit
-probability table per channel for anchor rows ("a") and other rows ("d").
+probability table per channel for anchor rows ("a") and other rows ("d"), and with anchor
+group 1 also five per channel ("x"), one per context: the symbol the channel had in the row
+above (docs/bitstream.md); chunks encoded with the profile use those.
 
 A profile may also hold the model's *sensitivity*: per plane, how much the model's output
 moves (KL divergence) when that plane is quantized coarsely (:mod:`kvpool.kernels.sensitivity`).
@@ -17,6 +19,7 @@ format, version, model, planes, widths, hash), arrays ``p{plane}.mu``, ``p{plane
 and ``p{plane}.{role}{bins}g{group}`` ([width, bins] uint16), and optionally
 ``sensitivity`` ([planes] float32). The hash is SHA-256 over the canonical JSON of the model
 and widths and every array's name, shape and bytes in sorted order, cut to 16 bytes.
+``x`` tables are [width * 5, bins], context-major within a channel.
 """
 
 from __future__ import annotations
@@ -60,6 +63,30 @@ def _bf16_bits(x: np.ndarray, up: bool = False) -> np.ndarray:
 
 def _table_key(role: str, bins: int, group: int) -> str:
     return f"{role}{bins}g{group}"
+
+
+CONTEXTS = 5
+"""Tables per channel when the symbol above chooses the table (docs/bitstream.md)."""
+
+CONTEXT_MAX_BINS = 63
+"""Context tables are kept up to these bins (they take five times the room of the others;
+finer planes gain least from them)."""
+
+
+def contexts_of(sym: np.ndarray, bins: int) -> np.ndarray:
+    """Context of every symbol of a plane ([tokens, width]) coded in streams of
+    :data:`levels.BLOCK_TOKENS` rows: the symbol above it, as -2 or less, -1, 0, 1, 2 or
+    more (0..4), and 2 in a stream's first row; the codec's ``context_of``."""
+    ctx = np.full(sym.shape, CONTEXTS // 2, np.int64)
+    ctx[1:] = np.clip(sym[:-1].astype(np.int64) - bins // 2, -2, 2) + 2
+    ctx[::levels.BLOCK_TOKENS] = CONTEXTS // 2
+    return ctx
+
+
+def _count(table: np.ndarray, sym: np.ndarray, tables: int, bins: int) -> np.ndarray:
+    """Counts [tables, bins] of ``sym`` coded with the table index ``table`` (broadcast)."""
+    flat = (table * bins + sym).ravel()
+    return np.bincount(flat, minlength=tables * bins).reshape(tables, bins).astype(np.uint64)
 
 
 class Profile:
@@ -171,21 +198,36 @@ class Profile:
             arrays[f"p{i}.mu"], arrays[f"p{i}.sigma"] = mu, sigma.astype(np.uint16)
             for group, role, bins in roles:
                 counts = np.zeros((width, bins), np.uint64)
+                in_context = np.zeros((width * CONTEXTS, bins), np.uint64)
                 for x in xs:
                     if not len(x):
                         continue
                     sym = _codec.symbols(x, mu, arrays[f"p{i}.sigma"], group, bins, bins)
                     rows = (np.arange(len(x)) % group == 0) == (role == "a")
                     sel = sym[rows].astype(np.int64)
-                    flat = (np.arange(width)[None, :] * bins + sel).ravel()
-                    counts += np.bincount(flat, minlength=width * bins).reshape(width, bins).astype(np.uint64)
+                    counts += _count(np.arange(width)[None, :], sel, width, bins)
+                    if group == 1 and bins <= CONTEXT_MAX_BINS:
+                        ctx = contexts_of(sym, bins)
+                        in_context += _count(np.arange(width) * CONTEXTS + ctx, sel,
+                                             width * CONTEXTS, bins)
                 arrays[f"p{i}.{_table_key(role, bins, group)}"] = _codec.normalize(counts)
+                if group == 1 and bins <= CONTEXT_MAX_BINS:
+                    arrays[f"p{i}.{_table_key('x', bins, group)}"] = _codec.normalize(in_context)
         if sensitivity is not None:
             arrays["sensitivity"] = np.asarray(sensitivity, dtype=np.float32).reshape(-1)
         return cls(model, arrays, widths)
 
-    def tables_for(self, anchor_group: int, layers: list[tuple[int, ...]]) -> list[tuple]:
-        """Per plane, what the extension takes: (mu, sigma, anchor tables, other tables)."""
+    def has_contexts(self, layers: list[tuple[int, ...]]) -> bool:
+        """Whether the profile holds context tables (:data:`CONTEXTS` per channel) for every
+        plane's bins; profiles built before they existed do not."""
+        return all(f"p{2 * i + kind}.{_table_key('x', bins, 1)}" in self._arrays
+                   for i, (*_, kab, vab) in enumerate(layers)
+                   for kind, bins in enumerate((kab, vab)))
+
+    def tables_for(self, anchor_group: int, layers: list[tuple[int, ...]],
+                   contexts: bool = False) -> list[tuple]:
+        """Per plane, what the extension takes: (mu, sigma, anchor tables, other tables);
+        with ``contexts`` the anchor tables are the context tables ([width * CONTEXTS, bins])."""
         if 2 * len(layers) != len(self.widths):
             raise CodecError(
                 f"profile {self.hash} is for {len(self.widths) // 2} layers, not {len(layers)}")
@@ -196,7 +238,7 @@ class Profile:
                 if self.widths[p] != width:
                     raise CodecError(f"profile {self.hash}: plane {p} is {self.widths[p]} wide, "
                                      f"the chunk's {width}")
-                anchor = self._table(p, "a", abins, anchor_group)
+                anchor = self._table(p, "x" if contexts else "a", abins, anchor_group)
                 delta = self._table(p, "d", bins, anchor_group) if anchor_group > 1 else None
                 out.append((self._arrays[f"p{p}.mu"], self._arrays[f"p{p}.sigma"], anchor, delta))
         return out
@@ -213,7 +255,7 @@ class Profile:
         meta = {"format": FORMAT, "version": VERSION, "model": self.model,
                 "widths": self.widths, "hash": self.hash}
         buf = io.BytesIO()
-        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **self._arrays)
+        np.savez_compressed(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **self._arrays)
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(buf.getvalue())

@@ -161,3 +161,28 @@ def test_bad_sensitivity_is_refused(profile_samples) -> None:
         Profile.build(profile_samples, model="synthetic", sensitivity=[1.0, float("nan")] * 3)
     with pytest.raises(CodecError, match="sensitivity"):
         Profile.build(profile_samples, model="synthetic", sensitivity=[1.0] * 4)
+
+
+def _slow_rows(seed: int) -> KVCache:
+    """Planes whose rows move slowly against the quantizer's step (as many key channels do)."""
+    g = torch.Generator().manual_seed(seed)
+    planes = [(torch.randn(256, 64, generator=g).cumsum(0) * 0.3
+               + torch.randn(256, 64, generator=g) * 0.2).half() for _ in range(4)]
+    return KVCache(keys=planes[:2], values=planes[2:])
+
+
+def test_context_tables_code_the_same_symbols_in_fewer_bytes(monkeypatch) -> None:
+    """With a profile's context tables (five per channel, chosen by the symbol above) a chunk
+    decodes to exactly what one table per channel gives, in fewer bytes when rows move slowly;
+    a profile without them (built before they existed) codes with one table."""
+    profile = Profile.build([_slow_rows(0), _slow_rows(1)], model="slow")
+    kv = _slow_rows(2)
+    with_contexts = encode(kv, "default", profile)
+    assert peek(with_contexts).contexts
+    monkeypatch.setattr(Profile, "has_contexts", lambda self, layers: False)
+    one_table = encode(kv, "default", profile)
+    assert not peek(one_table).contexts and not peek(encode(kv, "default")).contexts
+    assert len(with_contexts) < 0.9 * len(one_table)
+    a, b = decode(with_contexts, profile), decode(one_table, profile)
+    assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values], [*b.keys, *b.values]))
+    print(f"context tables {len(with_contexts)} B, one table {len(one_table)} B")
