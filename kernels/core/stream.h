@@ -69,7 +69,8 @@ KVP_HD uint32_t context_of(uint32_t above, int32_t h) {
 
 KVP_HD Table lossy_table(const LossyTables& tb, bool anchor, uint32_t c, int32_t h, uint32_t ctx) {
     uint32_t n = (uint32_t)(2 * h + 1);
-    uint64_t index = anchor ? (uint64_t)(c / tb.table_group) * tb.contexts + ctx : c / tb.table_group;
+    uint32_t group = tb.table_group == 1 ? c : c / tb.table_group;  // no division per symbol
+    uint64_t index = anchor ? (uint64_t)group * tb.contexts + ctx : group;
     Table t;
     t.cum = (anchor ? tb.anchor_cum : tb.delta_cum) + index * table_words(n);
     t.n = n;

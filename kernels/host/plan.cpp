@@ -216,13 +216,14 @@ std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p, std::vector<uin
     if (symbols) symbols->resize((uint64_t)d.tokens * d.width);
     std::vector<uint64_t> table_of(d.width);  // first count of channel c's table, per role
     for (uint32_t c = 0; c < d.width; ++c) table_of[c] = c / h.table_group;
+    QuantInput in = quant_input(plan.params, d, plan.floats.data());
     for (uint32_t t = 0; t < d.tokens; ++t) {
         bool a = is_anchor(t, h.anchor_group);
         uint64_t* counts = a ? anchor.data() : delta.data();
         uint32_t n = a ? na : nd;
         uint8_t* row = symbols ? symbols->data() + (uint64_t)t * d.width : nullptr;
         for (uint32_t c = 0; c < d.width; ++c) {
-            uint32_t sym = symbol_at(plan.params, d, plan.floats.data(), t, c);
+            uint32_t sym = a ? anchor_symbol(in, t, c) : lossy_symbol(in, t, c);
             counts[table_of[c] * n + sym]++;
             if (row) row[c] = (uint8_t)sym;
         }
