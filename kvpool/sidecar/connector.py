@@ -26,7 +26,8 @@ The request flow (the router does steps 1 and 3, as vLLM's P/D proxy does):
    tokens out of the paged cache and hands them to the sidecar, which encodes them (and
    pushes them on) at once. ``request_finished`` returns ``kv_transfer_params`` naming
    the transfer: ``{"do_remote_prefill": true, "kvpool_transfer": ..., "kvpool_peer":
-   ..., ...}``.
+   ..., "kvpool_instance": ..., ...}`` (``kvpool_instance``: the sidecar process holding
+   it; another process at that address, a restarted sidecar, refuses the transfer).
 3. Decode request with those ``kv_transfer_params``: ``get_num_new_matched_tokens``
    reports the prompt as external tokens loaded asynchronously; the worker streams the
    decoded chunks from its sidecar into the allocated blocks, then reports the request
@@ -110,6 +111,8 @@ class LoadSpec:
     block_ids: list[int]
     first_token: int
     token_ids: list[int]
+    peer_instance: str = ""
+    """The prefill sidecar instance that holds the transfer (empty: not checked)."""
 
 
 @dataclass
@@ -166,7 +169,6 @@ class KVPoolScheduler:
         self._saving: dict[str, _Saving] = {}
         self._loads: list[LoadSpec] = []
         self._client: SidecarClient | None = None
-        self._peer: str | None = None
 
     @staticmethod
     def _wants_load(request: Request) -> bool:
@@ -197,6 +199,7 @@ class KVPoolScheduler:
                     block_ids=list(blocks.get_block_ids()[0]),
                     first_token=len(prompt) - num_external_tokens,
                     token_ids=prompt,
+                    peer_instance=str(params.get("kvpool_instance", "")),
                 ))
         elif params.get("do_remote_decode") and request.request_id not in self._saving:
             self._saving[request.request_id] = _Saving(
@@ -255,16 +258,16 @@ class KVPoolScheduler:
         if start < end:
             meta.saves.append(self._spec(saving, start, end))
 
-    def peer_address(self) -> str:
-        """The local sidecar's peer address (asked once; empty while it cannot be reached)."""
-        if self._peer is None:
-            self._client = self._client or SidecarClient(self.config.sidecar, timeout_s=5.0)
-            try:
-                self._peer = self._client.info().peer
-            except grpc.RpcError as exc:
-                log.warning("sidecar %s unreachable: %s", self.config.sidecar, exc.details())
-                return ""
-        return self._peer
+    def sidecar_info(self) -> tuple[str, str]:
+        """The local sidecar's peer address and instance, asked for each finished request
+        (a restarted sidecar is another instance); empty while it cannot be reached."""
+        self._client = self._client or SidecarClient(self.config.sidecar, timeout_s=5.0)
+        try:
+            info = self._client.info()
+        except grpc.RpcError as exc:
+            log.warning("sidecar %s unreachable: %s", self.config.sidecar, exc.details())
+            return "", ""
+        return info.peer, info.instance
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -273,11 +276,13 @@ class KVPoolScheduler:
         if saving is None:
             return False, None
         # The KV was copied out as it was computed: the blocks can be freed now.
+        peer, instance = self.sidecar_info()
         return False, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "kvpool_transfer": saving.transfer_id,
-            "kvpool_peer": self.peer_address(),
+            "kvpool_peer": peer,
+            "kvpool_instance": instance,
             "kvpool_push": bool(saving.push_to),
             "kvpool_model": self.config.model,
             "kvpool_tokens": len(request.prompt_token_ids or ()),
@@ -416,6 +421,7 @@ class KVPoolWorker:
         request = pb.LoadRequest(
             transfer_id=spec.transfer_id, model=self.config.model, peer=spec.peer,
             expect_push=spec.expect_push, first_token=spec.first_token,
+            peer_instance=spec.peer_instance,
         )
         end: pb.TransferEnd | None = None
         # Read to the stream's close: a call left before its status is cancelled.
