@@ -54,6 +54,7 @@ from kvpool.sidecar.transport import (
     GRPC,
     NIXL,
     PEER_RESTARTED,
+    REASON_KEY,
     TRANSPORTS,
     GrpcTransport,
     PeerRestarted,
@@ -573,7 +574,7 @@ class LocalService(pb_grpc.LocalServicer):
             log.warning("load failed", extra={"transfer": request.transfer_id,
                                               "reason": reason, "error": str(exc)})
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{reason}: {exc}",
-                                trailing_metadata=(("kvpool-reason", reason),))
+                                trailing_metadata=((REASON_KEY, reason),))
         finally:
             s.store.drop(request.transfer_id)
 
