@@ -169,6 +169,8 @@ class KVPoolScheduler:
         self._saving: dict[str, _Saving] = {}
         self._loads: list[LoadSpec] = []
         self._client: SidecarClient | None = None
+        self._info: pb.InfoReply | None = None
+        self._connection = 0  # bumped whenever the channel to the sidecar leaves READY
 
     @staticmethod
     def _wants_load(request: Request) -> bool:
@@ -258,15 +260,28 @@ class KVPoolScheduler:
         if start < end:
             meta.saves.append(self._spec(saving, start, end))
 
+    def _connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state != grpc.ChannelConnectivity.READY:
+            self._connection += 1
+            self._info = None
+
     def sidecar_info(self) -> tuple[str, str]:
-        """The local sidecar's peer address and instance, asked for each finished request
-        (a restarted sidecar is another instance); empty while it cannot be reached."""
-        self._client = self._client or SidecarClient(self.config.sidecar, timeout_s=5.0)
-        try:
-            info = self._client.info()
-        except grpc.RpcError as exc:
-            log.warning("sidecar %s unreachable: %s", self.config.sidecar, exc.details())
-            return "", ""
+        """The local sidecar's peer address and instance; empty while it cannot be reached.
+        Asked again whenever the connection to the sidecar was lost (a restarted sidecar
+        is another instance), not for each request."""
+        if self._client is None:
+            self._client = SidecarClient(self.config.sidecar, timeout_s=5.0)
+            self._client.watch(self._connectivity)
+        info = self._info
+        if info is None:
+            connection = self._connection
+            try:
+                info = self._client.info()
+            except grpc.RpcError as exc:
+                log.warning("sidecar %s unreachable: %s", self.config.sidecar, exc.details())
+                return "", ""
+            if connection == self._connection:  # still the connection it was asked over
+                self._info = info
         return info.peer, info.instance
 
     def request_finished(

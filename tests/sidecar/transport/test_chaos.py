@@ -251,3 +251,26 @@ async def test_a_starved_link_ends_at_the_deadline_in_recompute(cluster, mode):
     if mode == "stall":
         assert proxy.swallowed > 0
     await nothing_held(decode, prefill)
+
+
+async def test_the_connector_names_the_sidecar_instance_it_reaches_now(cluster):
+    """Prefill's connector puts its sidecar's instance in kv_transfer_params: asked once,
+    and again after the sidecar restarted (the connection to it was lost)."""
+    from kvpool.sidecar.connector import ConnectorConfig, KVPoolScheduler
+
+    start, _ = cluster
+    first, = start("prefill")
+    scheduler = KVPoolScheduler(ConnectorConfig(
+        sidecar=f"unix://{first.socket}", model=MODEL, level="", block_size=16,
+        load_timeout_s=TIMEOUT_S))
+    assert await asyncio.to_thread(scheduler.sidecar_info) == (first.peer, first.instance)
+    first.kill()
+    first.popen.wait()
+    second, = start("prefill")  # the same socket
+
+    async def renamed() -> None:
+        while await asyncio.to_thread(scheduler.sidecar_info) != (second.peer,
+                                                                  second.instance):
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(renamed(), GUARD_S)
