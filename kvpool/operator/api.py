@@ -153,7 +153,8 @@ class TransferSpec:
     """How the KV cache moves from prefill to decode."""
 
     transport: TransportName = field(
-        "grpc: sidecar-to-sidecar gRPC streams; nixl: GPU memory over NIXL/UCX (needs GPUs).",
+        "grpc: sidecar-to-sidecar gRPC streams; nixl: prefer NIXL/UCX (needs GPUs), used by "
+        "each pair of sidecars that both have it, gRPC otherwise.",
         default="grpc",
     )
     codec: CodecName = field(

@@ -20,6 +20,11 @@ class SidecarClient:
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LocalStub(self._channel)
 
+    def watch(self, callback) -> None:
+        """Call ``callback(state)`` on every change of the channel's connectivity (from a
+        gRPC thread): a sidecar that restarted was reached over a new connection."""
+        self._channel.subscribe(callback, try_to_connect=False)
+
     def info(self) -> pb.InfoReply:
         return self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s)
 

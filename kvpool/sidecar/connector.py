@@ -26,7 +26,8 @@ The request flow (the router does steps 1 and 3, as vLLM's P/D proxy does):
    tokens out of the paged cache and hands them to the sidecar, which encodes them (and
    pushes them on) at once. ``request_finished`` returns ``kv_transfer_params`` naming
    the transfer: ``{"do_remote_prefill": true, "kvpool_transfer": ..., "kvpool_peer":
-   ..., ...}``.
+   ..., "kvpool_instance": ..., ...}`` (``kvpool_instance``: the sidecar process holding
+   it; another process at that address, a restarted sidecar, refuses the transfer).
 3. Decode request with those ``kv_transfer_params``: ``get_num_new_matched_tokens``
    reports the prompt as external tokens loaded asynchronously; the worker streams the
    decoded chunks from its sidecar into the allocated blocks, then reports the request
@@ -110,6 +111,8 @@ class LoadSpec:
     block_ids: list[int]
     first_token: int
     token_ids: list[int]
+    peer_instance: str = ""
+    """The prefill sidecar instance that holds the transfer (empty: not checked)."""
 
 
 @dataclass
@@ -166,7 +169,8 @@ class KVPoolScheduler:
         self._saving: dict[str, _Saving] = {}
         self._loads: list[LoadSpec] = []
         self._client: SidecarClient | None = None
-        self._peer: str | None = None
+        self._info: pb.InfoReply | None = None
+        self._connection = 0  # bumped whenever the channel to the sidecar leaves READY
 
     @staticmethod
     def _wants_load(request: Request) -> bool:
@@ -197,6 +201,7 @@ class KVPoolScheduler:
                     block_ids=list(blocks.get_block_ids()[0]),
                     first_token=len(prompt) - num_external_tokens,
                     token_ids=prompt,
+                    peer_instance=str(params.get("kvpool_instance", "")),
                 ))
         elif params.get("do_remote_decode") and request.request_id not in self._saving:
             self._saving[request.request_id] = _Saving(
@@ -255,16 +260,29 @@ class KVPoolScheduler:
         if start < end:
             meta.saves.append(self._spec(saving, start, end))
 
-    def peer_address(self) -> str:
-        """The local sidecar's peer address (asked once; empty while it cannot be reached)."""
-        if self._peer is None:
-            self._client = self._client or SidecarClient(self.config.sidecar, timeout_s=5.0)
+    def _connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state != grpc.ChannelConnectivity.READY:
+            self._connection += 1
+            self._info = None
+
+    def sidecar_info(self) -> tuple[str, str]:
+        """The local sidecar's peer address and instance; empty while it cannot be reached.
+        Asked again whenever the connection to the sidecar was lost (a restarted sidecar
+        is another instance), not for each request."""
+        if self._client is None:
+            self._client = SidecarClient(self.config.sidecar, timeout_s=5.0)
+            self._client.watch(self._connectivity)
+        info = self._info
+        if info is None:
+            connection = self._connection
             try:
-                self._peer = self._client.info().peer
+                info = self._client.info()
             except grpc.RpcError as exc:
                 log.warning("sidecar %s unreachable: %s", self.config.sidecar, exc.details())
-                return ""
-        return self._peer
+                return "", ""
+            if connection == self._connection:  # still the connection it was asked over
+                self._info = info
+        return info.peer, info.instance
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -273,11 +291,13 @@ class KVPoolScheduler:
         if saving is None:
             return False, None
         # The KV was copied out as it was computed: the blocks can be freed now.
+        peer, instance = self.sidecar_info()
         return False, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "kvpool_transfer": saving.transfer_id,
-            "kvpool_peer": self.peer_address(),
+            "kvpool_peer": peer,
+            "kvpool_instance": instance,
             "kvpool_push": bool(saving.push_to),
             "kvpool_model": self.config.model,
             "kvpool_tokens": len(request.prompt_token_ids or ()),
@@ -416,6 +436,7 @@ class KVPoolWorker:
         request = pb.LoadRequest(
             transfer_id=spec.transfer_id, model=self.config.model, peer=spec.peer,
             expect_push=spec.expect_push, first_token=spec.first_token,
+            peer_instance=spec.peer_instance,
         )
         end: pb.TransferEnd | None = None
         # Read to the stream's close: a call left before its status is cancelled.

@@ -11,12 +11,16 @@ It serves two gRPC services (kvpool/sidecar/proto/sidecar.proto):
 
 Both carry the standard gRPC health service. The Peer service runs over plaintext or
 mutual TLS (``--tls-dir``: a mounted Secret, :mod:`kvpool.sidecar.tls`); chunk payloads
-travel in the gRPC stream or through NIXL (``--transport nixl``). With ``--level
+travel in the gRPC stream or through NIXL (``--transport nixl``: preferred, used with every
+peer that has it too; gRPC with the others). Each sidecar process is an instance (random
+at start) that travels with its transfers: a pull, push or load naming another instance
+is refused (reason ``peer_restarted``) and decode recomputes. With ``--level
 adaptive`` each chunk's level is chosen from the throughput measured on the peer stream and
 the TTFT target (:mod:`kvpool.sidecar.adaptive`). Prometheus metrics and the transfer
 health summary (``/transfer/health``, :mod:`kvpool.sidecar.health`) are served over HTTP;
 logs are one JSON object per line on stderr. Once listening, the sidecar prints one JSON line
-on stdout (``{"event": "ready", "local": ..., "peer": ..., "metrics": ...}``; also written
+on stdout (``{"event": "ready", "local": ..., "peer": ..., "metrics": ..., "instance": ...,
+"transports": [...]}``; also written
 to ``--ready-file``) so that whoever started it learns the ports it picked.
 """
 
@@ -45,7 +49,21 @@ from kvpool.sidecar.metrics import SidecarMetrics
 from kvpool.sidecar.proto import sidecar_pb2 as pb
 from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
 from kvpool.sidecar.store import Transfer, TransferFailed, TransferStore
-from kvpool.sidecar.transport import CHANNEL_OPTIONS, GrpcTransport, PeerTransport, TransportError
+from kvpool.sidecar.transport import (
+    CHANNEL_OPTIONS,
+    GRPC,
+    NIXL,
+    PEER_RESTARTED,
+    REASON_KEY,
+    TRANSPORTS,
+    GrpcTransport,
+    PeerRestarted,
+    PeerTransport,
+    TransportError,
+    negotiate,
+    new_instance,
+    refusal_metadata,
+)
 
 log = logging.getLogger("kvpool.sidecar")
 
@@ -70,8 +88,9 @@ class SidecarConfig:
     """Seconds a reader waits for a transfer to complete (also the peer calls' deadline)."""
     codec_threads: int = 2
     """Threads that encode and decode chunks (the codec releases the GIL)."""
-    transport: str = "grpc"
-    """How payloads cross to the peer: ``grpc`` (in the Peer stream) or ``nixl``."""
+    transport: str = GRPC
+    """How payloads should cross to the peer: ``grpc`` (in the Peer stream) or ``nixl``
+    (preferred: used with peers that have NIXL too, gRPC with the others)."""
     tls_dir: str = ""
     """Folder of a mounted Secret with ca.crt, tls.crt, tls.key: mutual TLS on the Peer
     service and channels. Empty: plaintext."""
@@ -94,7 +113,7 @@ for the call's cancellation before it blames the sender for closing early."""
 ADAPTIVE = "adaptive"
 """The level that lets :mod:`kvpool.sidecar.adaptive` pick one per chunk."""
 
-DECODE_RECOMPUTES = ("deadline", "push", "pull")
+DECODE_RECOMPUTES = ("deadline", "push", "pull", PEER_RESTARTED)
 """Reasons a prefill-side transfer failed for which decode recomputes the request (it
 cannot arrive in time, or its reader is gone): the producer's later chunks are accepted
 and dropped, not refused."""
@@ -102,6 +121,18 @@ and dropped, not refused."""
 
 def checksum(payload: bytes) -> int:
     return google_crc32c.value(payload)
+
+
+def unwanted(transfer: Transfer) -> bool:
+    """Whether a prefill-side transfer failed in a way that makes decode recompute it: its
+    producer's later chunks are accepted and dropped."""
+    return transfer.error is not None and transfer.error.reason in DECODE_RECOMPUTES
+
+
+async def refuse_restarted(context: grpc.aio.ServicerContext, message: str) -> None:
+    """End a call that names another instance of a sidecar (raises, as ``abort`` does)."""
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{PEER_RESTARTED}: {message}",
+                        trailing_metadata=refusal_metadata())
 
 
 def load_reply(chunk: peerwire.Chunk) -> pb.LoadReply:
@@ -115,21 +146,19 @@ def load_reply(chunk: peerwire.Chunk) -> pb.LoadReply:
 class Sidecar:
     """One sidecar: its transfers, its two gRPC servers and its metrics."""
 
-    def __init__(self, config: SidecarConfig, transport: PeerTransport | None = None) -> None:
+    def __init__(self, config: SidecarConfig) -> None:
         if config.level != ADAPTIVE:
             codec.check_level(config.level)
-        if config.transport not in ("grpc", "nixl"):
+        if config.transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {config.transport!r}: grpc or nixl")
         self.config = config
+        self.instance = new_instance()
         self.tls = tls.load_bundle(config.tls_dir) if config.tls_dir else None
-        credentials = tls.channel_credentials(self.tls) if self.tls else None
-        if transport is None and config.transport == "nixl":
-            from kvpool.sidecar.transport_nixl import NixlPeerTransport
-
-            transport = NixlPeerTransport(
-                credentials, slots=config.nixl_slots, slot_bytes=config.nixl_slot_bytes,
-                lease_s=config.lease_s, timeout_s=config.transfer_timeout_s)
-        self.transport = transport or GrpcTransport(credentials)
+        self.grpc = GrpcTransport(tls.channel_credentials(self.tls) if self.tls else None)
+        self.nixl = self._start_nixl() if config.transport == NIXL else None
+        self.transports = (GRPC, NIXL) if self.nixl is not None else (GRPC,)
+        """Payload transports this sidecar can use (advertised to its peers)."""
+        self._fell_back: set[tuple[str, str]] = set()
         self.store = TransferStore(config.lease_s)
         self.metrics = SidecarMetrics()
         self.metrics.held.set_function(lambda: len(self.store))
@@ -146,6 +175,20 @@ class Sidecar:
         self._metrics_server = None
         self.peer_address = ""
         self.metrics_address = ""
+
+    def _start_nixl(self) -> PeerTransport | None:
+        """NIXL endpoints for ``--transport nixl``, or None (logged) when NIXL cannot run
+        here: this sidecar then advertises gRPC only, and its transfers take gRPC."""
+        c = self.config
+        try:
+            from kvpool.sidecar.transport_nixl import NixlPeerTransport
+
+            return NixlPeerTransport(self.grpc, slots=c.nixl_slots, slot_bytes=c.nixl_slot_bytes,
+                                     lease_s=c.lease_s, timeout_s=c.transfer_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - ImportError, TransportError, NIXL's own
+            log.warning("NIXL unavailable: this sidecar moves payloads over gRPC only",
+                        extra={"error": f"{type(exc).__name__}: {exc}"})
+            return None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -187,13 +230,15 @@ class Sidecar:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._spawn(self._expire_forever())
         return {"local": self.config.local, "peer": self.peer_address,
-                "metrics": self.metrics_address}
+                "metrics": self.metrics_address, "instance": self.instance}
 
     async def stop(self, grace: float = 1.0) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
-        await self.transport.close()
+        await self.grpc.close()
+        if self.nixl is not None:
+            await self.nixl.close()
         if self._metrics_server is not None:
             await self._metrics_server.cleanup()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -272,6 +317,46 @@ class Sidecar:
                     len(message.chunk.payload) or len(message.chunk.nixl_location),
                     time.perf_counter() - start)
 
+    # ---- transports and instances --------------------------------------------------------
+
+    def chose(self, side: str, transport: str, peer: str, peer_instance: str) -> None:
+        """Count the payload transport of one transfer. A sidecar that prefers NIXL and
+        got gRPC counts a fallback, and logs it once per peer instance."""
+        self.metrics.transports.labels(side, transport).inc()
+        fallback = self.config.transport == NIXL and transport == GRPC
+        self.health.transport(transport, fallback=fallback)
+        if not fallback:
+            return
+        reason = "peer_lacks_nixl" if self.nixl is not None else "nixl_unavailable"
+        self.metrics.transport_fallbacks.labels(side, reason).inc()
+        if (peer, peer_instance) not in self._fell_back:
+            self._fell_back.add((peer, peer_instance))
+            log.warning("transport fallback: gRPC instead of NIXL", extra={
+                "peer": peer, "peer_instance": peer_instance, "reason": reason})
+
+    def sending(self, transport: str):
+        """The hook that puts a transfer's payloads on a stream of ``transport``."""
+        return self.nixl.outgoing if transport == NIXL else self.grpc.outgoing
+
+    async def incoming(self, message: peerwire.Message) -> peerwire.Message:
+        """A received message with its payload in place (read through NIXL when the
+        chunk says where it lies)."""
+        if self.nixl is not None:
+            return await self.nixl.incoming(message)
+        if message.chunk is not None and message.chunk.nixl_location:
+            raise TransportError("the peer sent a chunk through NIXL; this sidecar has no NIXL")
+        return message
+
+    async def stamped(self, messages, transport: str, receiver: str = ""):
+        """A transfer's stream whose header names this instance, the payload transport
+        and (pushes) the receiver's instance."""
+        async for message in messages:
+            if message.header is not None:
+                message.header.instance = self.instance
+                message.header.transport = transport
+                message.header.receiver_instance = receiver
+            yield message
+
     def start_push(self, transfer: Transfer, peer: str) -> None:
         """Stream ``transfer`` to ``peer`` as it is produced (once per transfer; never a
         transfer that has failed, e.g. whose push failed already)."""
@@ -282,17 +367,23 @@ class Sidecar:
 
     async def _push(self, transfer: Transfer, peer: str) -> None:
         timeout = self.config.transfer_timeout_s
-        messages = transfer.messages(timeout, end_on_failure=True)
         try:
-            chunks = await self.transport.push(peer, self.measured(messages), timeout=timeout)
+            hello = await self.grpc.hello(peer, timeout=timeout)
+            chosen = negotiate(self.transports, hello.transports)
+            self.chose("prefill", chosen, peer, hello.instance)
+            messages = self.stamped(transfer.messages(timeout, end_on_failure=True), chosen,
+                                    receiver=hello.instance)
+            chunks = await self.grpc.push(peer, self.sending(chosen)(self.measured(messages)),
+                                          timeout=timeout)
             if transfer.error is not None:  # the stream ended with a failed end
                 raise transfer.error
         except (TransportError, TransferFailed) as exc:
             # Decode recomputes (or is gone): what is held here is of no use any more.
-            transfer.fail("push", f"the push to {peer} failed: {exc}")
-            self.metrics.failures.labels("prefill", "push").inc()
+            reason = PEER_RESTARTED if isinstance(exc, PeerRestarted) else "push"
+            transfer.fail(reason, f"the push to {peer} failed: {exc}")
+            self.metrics.failures.labels("prefill", reason).inc()
             log.warning("push failed", extra={"transfer": transfer.transfer_id, "peer": peer,
-                                              "error": str(exc)})
+                                              "reason": reason, "error": str(exc)})
         else:
             self.metrics.wire_bytes.labels("sent").inc(transfer.wire_bytes)
             log.info("pushed", extra={"transfer": transfer.transfer_id, "peer": peer,
@@ -300,12 +391,19 @@ class Sidecar:
         finally:
             self._pushing.discard(transfer.transfer_id)
 
-    def receive(self, transfer: Transfer, message: peerwire.Message) -> None:
-        """Add one message from a peer stream to ``transfer``, checking chunk checksums."""
+    def receive(self, transfer: Transfer, message: peerwire.Message, peer: str) -> None:
+        """Add one message from the stream of ``peer`` to ``transfer``, checking its
+        header's instance and chunk checksums."""
         kind = message.kind
         if kind == "header":
-            if message.header.transfer_id != transfer.transfer_id:
-                transfer.fail("peer", f"stream carries transfer {message.header.transfer_id}")
+            header = message.header
+            if header.transfer_id != transfer.transfer_id:
+                transfer.fail("peer", f"stream carries transfer {header.transfer_id}")
+            elif not transfer.claim_peer(header.instance):
+                transfer.fail(PEER_RESTARTED, f"{peer} is sidecar instance {header.instance}, "
+                              f"the transfer is of instance {transfer.peer_instance}")
+            else:
+                self.chose("decode", header.transport or GRPC, peer, header.instance)
         elif kind == "chunk":
             chunk = message.chunk
             if checksum(chunk.payload) != chunk.crc32c:
@@ -338,15 +436,17 @@ class Sidecar:
 
     async def pull(self, transfer: Transfer, peer: str) -> None:
         """Fill ``transfer`` from the sidecar at ``peer``."""
+        request = pb.PullRequest(transfer_id=transfer.transfer_id, model=transfer.model,
+                                 instance=transfer.peer_instance, transports=self.transports)
         try:
-            async for message in self.transport.pull(
-                peer, transfer.transfer_id, transfer.model,
-                timeout=self.config.transfer_timeout_s,
-            ):
-                self.receive(transfer, message)
+            async for message in self.grpc.pull(
+                    peer, request, timeout=self.config.transfer_timeout_s):
+                self.receive(transfer, await self.incoming(message), peer)
                 if transfer.done:
                     break
             transfer.fail("peer", f"the stream from {peer} ended early")
+        except PeerRestarted as exc:
+            transfer.fail(PEER_RESTARTED, str(exc))
         except TransportError as exc:
             transfer.fail("timeout" if isinstance(exc, TimeoutError) else "peer", str(exc))
         except TransferFailed as exc:  # a chunk arrived after the transfer closed
@@ -361,7 +461,8 @@ class LocalService(pb_grpc.LocalServicer):
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         s = self.sidecar
-        return pb.InfoReply(peer=s.peer_address, level=s.config.level, levels=codec.levels())
+        return pb.InfoReply(peer=s.peer_address, level=s.config.level, levels=codec.levels(),
+                            instance=s.instance, transports=s.transports)
 
     async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutReply:
         s = self.sidecar
@@ -369,7 +470,7 @@ class LocalService(pb_grpc.LocalServicer):
         try:
             transfer = s.store.open(request.transfer_id, request.model)
             raw = request.chunk
-            if transfer.error is not None and transfer.error.reason in DECODE_RECOMPUTES:
+            if unwanted(transfer):
                 return pb.PutReply(wire_bytes=0)  # the rest is not wanted: dropped
             if level == ADAPTIVE:
                 level = await s.choose_level(transfer, raw)
@@ -387,6 +488,8 @@ class LocalService(pb_grpc.LocalServicer):
                 # Too few tokens for the codec to pay (its exact first rows and tables):
                 # the chunk goes as it is; the decode side reads each chunk's own level.
                 level, payload = codec.RAW, codec.encode(raw, codec.RAW)
+            if unwanted(transfer):  # it failed while this chunk was encoded
+                return pb.PutReply(wire_bytes=0)
             key = pb.ChunkKey()
             key.CopyFrom(raw.key)  # not a view: it would keep the whole request alive
             transfer.add(peerwire.Chunk(
@@ -434,8 +537,13 @@ class LocalService(pb_grpc.LocalServicer):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"no transfer {request.transfer_id} and no peer to pull from")
                 transfer = s.store.open(request.transfer_id, request.model)
+                transfer.claim_peer(request.peer_instance)
                 if not request.expect_push:
                     s._spawn(s.pull(transfer, request.peer))
+            elif not transfer.claim_peer(request.peer_instance):
+                transfer.fail(PEER_RESTARTED, f"it came from sidecar instance "
+                              f"{transfer.peer_instance}, the request names instance "
+                              f"{request.peer_instance}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         start = time.perf_counter()
@@ -465,7 +573,8 @@ class LocalService(pb_grpc.LocalServicer):
             s.health.transfer_failed(reason)
             log.warning("load failed", extra={"transfer": request.transfer_id,
                                               "reason": reason, "error": str(exc)})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{reason}: {exc}",
+                                trailing_metadata=((REASON_KEY, reason),))
         finally:
             s.store.drop(request.transfer_id)
 
@@ -476,8 +585,18 @@ class PeerService(pb_grpc.PeerServicer):
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
 
+    async def Hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
+        s = self.sidecar
+        return pb.HelloReply(instance=s.instance, transports=s.transports)
+
     async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext):
         s = self.sidecar
+        if request.instance and request.instance != s.instance:
+            s.metrics.failures.labels("prefill", PEER_RESTARTED).inc()
+            await refuse_restarted(context, (
+                f"transfer {request.transfer_id} was held by sidecar instance "
+                f"{request.instance}; this is instance {s.instance} at that address (the "
+                "sidecar restarted): nothing of it is here"))
         transfer = s.store.get(request.transfer_id)
         if transfer is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -485,10 +604,12 @@ class PeerService(pb_grpc.PeerServicer):
         if request.model and transfer.model != request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transfer {request.transfer_id} is of model {transfer.model!r}")
+        chosen = negotiate(s.transports, request.transports)
+        s.chose("prefill", chosen, context.peer(), "")
+        messages = s.stamped(transfer.messages(s.config.transfer_timeout_s), chosen)
         settled = False  # the end went out, or the failure was reported
         try:
-            async for message in s.transport.outgoing(
-                    s.measured(transfer.messages(s.config.transfer_timeout_s))):
+            async for message in s.sending(chosen)(s.measured(messages)):
                 if message.chunk is not None:
                     s.metrics.wire_bytes.labels("sent").inc(len(message.chunk.payload))
                 settled = message.end is not None
@@ -511,16 +632,13 @@ class PeerService(pb_grpc.PeerServicer):
         try:
             async for message in request_iterator:
                 if transfer is None:
-                    if message.header is None:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            "a pushed stream starts with its header")
-                    transfer = s.store.open(message.header.transfer_id, message.header.model)
+                    transfer = await self._pushed(message, context)
                 try:
-                    message = await s.transport.incoming(message)
+                    message = await s.incoming(message)
                 except TransportError as exc:
                     transfer.fail("peer", str(exc))
                     continue
-                s.receive(transfer, message)
+                s.receive(transfer, message, context.peer())
             if transfer is not None and not transfer.done:
                 # A call the sender cancelled (its deadline, its channel closed, its
                 # process gone) ends the request stream here like a close does, and
@@ -537,6 +655,29 @@ class PeerService(pb_grpc.PeerServicer):
                 transfer.fail("peer", f"the pushed stream broke: {exc}")
             raise
         return pb.PushReply(chunks=len(transfer.chunks) if transfer else 0)
+
+    async def _pushed(self, message: peerwire.Message, context) -> Transfer:
+        """The transfer a pushed stream's first message opens; refuses (and fails the
+        transfer waiting here) a stream meant for, or from, another sidecar instance."""
+        s = self.sidecar
+        header = message.header
+        if header is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "a pushed stream starts with its header")
+        if header.receiver_instance and header.receiver_instance != s.instance:
+            problem = (f"the push of transfer {header.transfer_id} is for sidecar instance "
+                       f"{header.receiver_instance}; this is instance {s.instance} (restarted)")
+            waiting = s.store.get(header.transfer_id)
+            if waiting is not None:
+                waiting.fail(PEER_RESTARTED, problem)
+            await refuse_restarted(context, problem)
+        transfer = s.store.open(header.transfer_id, header.model)
+        if not transfer.claim_peer(header.instance):
+            problem = (f"transfer {header.transfer_id} is wanted from sidecar instance "
+                       f"{transfer.peer_instance}; the pusher is instance {header.instance}")
+            transfer.fail(PEER_RESTARTED, problem)
+            await refuse_restarted(context, problem)
+        return transfer
 
 
 # ---- command line ----------------------------------------------------------------------
@@ -572,8 +713,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", default=d.level, choices=(*codec.levels(), ADAPTIVE),
                         help="level of chunks whose connector names none "
                              "(adaptive: chosen per chunk from the measured throughput)")
-    parser.add_argument("--transport", default=d.transport, choices=("grpc", "nixl"),
-                        help="how chunk payloads cross to the peer sidecar")
+    parser.add_argument("--transport", default=d.transport, choices=TRANSPORTS,
+                        help="how chunk payloads should cross to the peer sidecar (nixl: "
+                             "with peers that have NIXL too, gRPC with the others)")
     parser.add_argument("--tls-dir", default=d.tls_dir,
                         help="folder with ca.crt, tls.crt, tls.key: mutual TLS between sidecars")
     parser.add_argument("--ttft-target-ms", type=float, default=d.ttft_target_s * 1e3,
@@ -597,7 +739,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 async def serve(config: SidecarConfig, ready_file: str | None = None) -> None:
     sidecar = Sidecar(config)
     endpoints = await sidecar.start()
-    line = json.dumps({"event": "ready", "pid": os.getpid(), **endpoints})
+    line = json.dumps({"event": "ready", "pid": os.getpid(), **endpoints,
+                       "transports": list(sidecar.transports)})
     if ready_file:
         tmp = Path(f"{ready_file}.tmp")
         tmp.write_text(line + "\n")

@@ -20,7 +20,8 @@ from kvpool.sidecar.proto import sidecar_pb2 as pb
 class TransferFailed(RuntimeError):
     """The transfer cannot complete (producer gave up, peer stream broke, lease ran out).
 
-    ``reason`` is a short label for metrics: producer, peer, checksum, timeout, expired."""
+    ``reason`` is a short label for metrics: producer, peer, peer_restarted, checksum,
+    timeout, expired."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -39,6 +40,9 @@ class Transfer:
     raw_bytes: int = 0
     wire_bytes: int = 0
     created_at: float = field(default_factory=time.monotonic)
+    peer_instance: str = ""
+    """Receiving side: the instance of the sidecar it comes from (named by the request's
+    Load, or by the first stream that brought it); empty while unknown."""
     decoded: dict[int, asyncio.Future] = field(default_factory=dict)
     """Receiving side: chunk index -> its decoding into a Load reply, started as the chunk
     arrived (so that a reader finds it decoded instead of decoding it on the critical path)."""
@@ -47,6 +51,15 @@ class Transfer:
     @property
     def done(self) -> bool:
         return self.end is not None or self.error is not None
+
+    def claim_peer(self, instance: str) -> bool:
+        """Whether this transfer may come from sidecar ``instance`` (empty: not said): the
+        first instance named sticks, and another one is refused."""
+        if not instance:
+            return True
+        if not self.peer_instance:
+            self.peer_instance = instance
+        return self.peer_instance == instance
 
     def _notify(self) -> None:
         self._changed.set()

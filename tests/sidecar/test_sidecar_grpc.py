@@ -266,7 +266,7 @@ async def test_corrupt_chunk_is_refused_by_checksum(pair):
     bad = pb.WireChunk(key=raw.key, level="raw", payload=payload[:-1] + b"\x00",
                        crc32c=checksum(payload), raw_bytes=len(payload))
     wire = pb.PeerMessage(chunk=bad).SerializeToString()  # as a generated stub sends it
-    decode.receive(transfer, peerwire.parse(wire))
+    decode.receive(transfer, peerwire.parse(wire), "test")
     assert transfer.error is not None and transfer.error.reason == "checksum"
 
 
