@@ -153,8 +153,9 @@ def encode(
     ``position`` is the sequence position of the chunk's first token: the rows of the
     sequence's first ``sink_tokens`` tokens (the level's) are stored exact.
 
-    Releases the GIL. With a profile (lossy levels), the frame names the profile's hash and
-    carries no tables or channel statistics; without one it carries its own. ``lossless``
+    Releases the GIL. With a profile (lossy levels), the frame names the profile's hash (for
+    some of the model's layers, the hash of that slice of it) and carries no tables or
+    channel statistics; without one it carries its own. ``lossless``
     codes the raw values (bit-exact round trip) and never uses a profile. CUDA tensors are
     encoded on their GPU; the frame is byte-identical to the CPU's.
     """
@@ -167,14 +168,17 @@ def encode(
     if not (0 <= first and first + n <= count):
         raise CodecError(f"depth={depth}: {n} layers from layer {first} do not fit in {count}")
     use_profile = profile is not None and not lv.lossless
+    if use_profile and 2 * count != len(profile.widths):
+        raise CodecError(f"profile {profile.hash} is for {len(profile.widths) // 2} layers, "
+                         f"the model has {count}")
     steps = profile.steps(lv) if use_profile else []
-    if len(steps) != 2 * count or n != count:  # bins follow a profile made for this model
+    if len(steps) != 2 * count:  # bins follow the model's sensitivity
         steps = [0] * (2 * count)
     layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]),
                *lv.layer_bins(first + i, count, (steps[2 * (first + i)], steps[2 * (first + i) + 1])))
               for i in range(n)]
-    contexts = use_profile and lv.anchor_group == 1 and profile.has_contexts(layers)
-    tables = profile.tables_for(lv.anchor_group, layers, contexts) if use_profile else None
+    contexts = use_profile and lv.anchor_group == 1 and profile.has_contexts(layers, first)
+    tables = profile.tables_for(lv.anchor_group, layers, contexts, first) if use_profile else None
     group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)
     args = {
         "lossless": lv.lossless,
@@ -185,7 +189,7 @@ def encode(
         "table_group": group,
         "exact_rows": max(0, lv.sink_tokens - position),
         "layers": layers,
-        "profile_hash": profile.hash_bytes if use_profile else None,
+        "profile_hash": bytes.fromhex(profile.slice_hash(first, n)) if use_profile else None,
         "profile": tables,
         "contexts": contexts,
     }
@@ -280,10 +284,11 @@ def decode(
         want = h["profile_hash"].hex()
         if profile is None:
             raise CodecError(f"the chunk needs profile {want}; none given")
-        if profile.hash != want:
+        first = profile.locate(want, len(h["layers"]))
+        if first is None:
             raise CodecError(f"the chunk needs profile {want}, not {profile.hash}")
         tables = profile.tables_for(h["anchor_group"], h["layers"],
-                                    bool(h["flags"] & FLAG_CONTEXTS))
+                                    bool(h["flags"] & FLAG_CONTEXTS), first)
     dtype = getattr(torch, DTYPES[h["dtype"]])
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):

@@ -217,24 +217,42 @@ class Profile:
             arrays["sensitivity"] = np.asarray(sensitivity, dtype=np.float32).reshape(-1)
         return cls(model, arrays, widths)
 
-    def has_contexts(self, layers: list[tuple[int, ...]]) -> bool:
+    def slice_hash(self, first: int, count: int) -> str:
+        """The hash a chunk of the model's layers ``[first, first + count)`` names: the
+        profile's own for all of them, else one derived from it and the range (a chunk of
+        one layer, as the sidecar sends them, decodes with that layer's tables)."""
+        if first == 0 and 2 * count == len(self.widths):
+            return self.hash
+        return hashlib.sha256(f"{self.hash}/{first}+{count}".encode()).hexdigest()[:32]
+
+    def locate(self, want: str, count: int) -> int | None:
+        """The first layer of the slice of ``count`` layers whose hash is ``want`` (None when
+        no slice of this profile has it)."""
+        for first in range(len(self.widths) // 2 - count + 1):
+            if self.slice_hash(first, count) == want:
+                return first
+        return None
+
+    def has_contexts(self, layers: list[tuple[int, ...]], first: int = 0) -> bool:
         """Whether the profile holds context tables (:data:`CONTEXTS` per channel) for every
-        plane's bins; profiles built before they existed do not."""
-        return all(f"p{2 * i + kind}.{_table_key('x', bins, 1)}" in self._arrays
+        plane's bins (layers from ``first``); profiles built before they existed do not."""
+        return all(f"p{2 * (first + i) + kind}.{_table_key('x', bins, 1)}" in self._arrays
                    for i, (*_, kab, vab) in enumerate(layers)
                    for kind, bins in enumerate((kab, vab)))
 
     def tables_for(self, anchor_group: int, layers: list[tuple[int, ...]],
-                   contexts: bool = False) -> list[tuple]:
-        """Per plane, what the extension takes: (mu, sigma, anchor tables, other tables);
-        with ``contexts`` the anchor tables are the context tables ([width * CONTEXTS, bins])."""
-        if 2 * len(layers) != len(self.widths):
-            raise CodecError(
-                f"profile {self.hash} is for {len(self.widths) // 2} layers, not {len(layers)}")
+                   contexts: bool = False, first: int = 0) -> list[tuple]:
+        """Per plane of ``layers`` (the model's layers from ``first``), what the extension
+        takes: (mu, sigma, anchor tables, other tables); with ``contexts`` the anchor tables
+        are the context tables ([width * CONTEXTS, bins])."""
+        n = len(self.widths) // 2
+        if first < 0 or first + len(layers) > n:
+            raise CodecError(f"profile {self.hash} is for {n} layers, not layers "
+                             f"{first}..{first + len(layers) - 1}")
         out = []
         for i, (_, width, kb, vb, kab, vab) in enumerate(layers):
             for kind, (bins, abins) in enumerate(((kb, kab), (vb, vab))):
-                p = 2 * i + kind
+                p = 2 * (first + i) + kind
                 if self.widths[p] != width:
                     raise CodecError(f"profile {self.hash}: plane {p} is {self.widths[p]} wide, "
                                      f"the chunk's {width}")

@@ -179,10 +179,32 @@ def test_context_tables_code_the_same_symbols_in_fewer_bytes(monkeypatch) -> Non
     kv = _slow_rows(2)
     with_contexts = encode(kv, "default", profile)
     assert peek(with_contexts).contexts
-    monkeypatch.setattr(Profile, "has_contexts", lambda self, layers: False)
+    monkeypatch.setattr(Profile, "has_contexts", lambda self, layers, first=0: False)
     one_table = encode(kv, "default", profile)
     assert not peek(one_table).contexts and not peek(encode(kv, "default")).contexts
     assert len(with_contexts) < 0.9 * len(one_table)
     a, b = decode(with_contexts, profile), decode(one_table, profile)
     assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values], [*b.keys, *b.values]))
     print(f"context tables {len(with_contexts)} B, one table {len(one_table)} B")
+
+
+def test_a_chunk_of_some_layers_names_its_slice_of_the_profile() -> None:
+    """The sidecar sends one layer per chunk: such a chunk codes with that layer's tables,
+    names a hash derived from the profile's and the layer, and decodes with the profile."""
+    samples = [_slow_rows(0), _slow_rows(1)]
+    profile = Profile.build(samples, model="slow")
+    kv = _slow_rows(2)
+    whole = decode(encode(kv, "default", profile), profile)
+    for layer in range(2):
+        one = KVCache(keys=[kv.keys[layer]], values=[kv.values[layer]])
+        frame = encode(one, "default", profile, depth=(layer, 2))
+        assert peek(frame).profile_hash == profile.slice_hash(layer, 1) != profile.hash
+        assert profile.locate(peek(frame).profile_hash, 1) == layer
+        out = decode(frame, profile)
+        assert torch.equal(out.keys[0], whole.keys[layer])
+        assert torch.equal(out.values[0], whole.values[layer])
+    other = Profile.build(samples[:1], model="slow")
+    with pytest.raises(CodecError, match="needs profile"):
+        decode(frame, other)
+    with pytest.raises(CodecError, match="is for 2 layers"):
+        encode(KVCache(keys=[kv.keys[0]], values=[kv.values[0]]), "default", profile)
