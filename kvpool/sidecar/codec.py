@@ -4,6 +4,10 @@
 baseline, and what works without the codec extension. Every other level is a level of
 :mod:`kvpool.kernels` (``lossless`` is bit-exact; ``default`` is the lossy default).
 Both directions take and return one layer's chunk as a :class:`RawChunk` message.
+
+With a model profile (``kvpool profile``; the sidecar's ``--profile``), lossy chunks of that
+model code with the profile's statistics and tables for their layer (rate-distortion bins,
+context tables, nothing carried in the chunk); the decoding side needs the same profile.
 """
 
 from __future__ import annotations
@@ -48,13 +52,30 @@ def check_level(level: str) -> str:
     return level
 
 
-def encode(chunk: pb.RawChunk, level: str, num_layers: int = 0) -> bytes:
+def load_profile(path: str):
+    """The codec profile in the file at ``path`` (ChunkCodecError when it cannot be used)."""
+    kernels = _kernels()
+    try:
+        return kernels.Profile.load(path)
+    except (OSError, kernels.CodecError) as exc:
+        raise ChunkCodecError(f"cannot use profile {path}: {exc}") from exc
+
+
+def _fits(profile, chunk: pb.RawChunk, num_layers: int) -> bool:
+    widths = profile.widths
+    layer = chunk.key.layer
+    return (2 * num_layers == len(widths) and layer < num_layers
+            and widths[2 * layer] == widths[2 * layer + 1] == chunk.width)
+
+
+def encode(chunk: pb.RawChunk, level: str, num_layers: int = 0, profile=None) -> bytes:
     """One layer's keys and values (a RawChunk) -> payload bytes.
 
     ``num_layers`` (the model's; 0 = unknown) places the chunk's layer (``chunk.key.layer``)
     in the level's bins-over-depth schedule; unknown, the chunk codes as a model's layer 0.
     The chunk's first token (``chunk.key.token_start``) tells the codec which rows are the
-    sequence's first tokens, which lossy levels keep exact.
+    sequence's first tokens, which lossy levels keep exact. ``profile`` is used when it is
+    the profile of a model of this shape (else the chunk carries its own tables).
     """
     if level == RAW:
         return pb.RawChunk(
@@ -63,7 +84,8 @@ def encode(chunk: pb.RawChunk, level: str, num_layers: int = 0) -> bytes:
     kernels = _kernels()
     try:
         depth = (chunk.key.layer, num_layers) if num_layers else None
-        return kernels.encode(to_kvcache(chunk), level=level, depth=depth,
+        use = profile if profile is not None and _fits(profile, chunk, num_layers) else None
+        return kernels.encode(to_kvcache(chunk), level=level, profile=use, depth=depth,
                               position=chunk.key.token_start)
     except (ValueError, kernels.CodecError) as exc:
         raise ChunkCodecError(f"cannot encode chunk: {exc}") from exc
@@ -77,8 +99,9 @@ def to_kvcache(chunk: pb.RawChunk):
     return kernels.KVCache(keys=[keys], values=[values])
 
 
-def decode(payload: bytes, level: str) -> pb.RawChunk:
-    """The inverse of :func:`encode` (the key left empty); ChunkCodecError when malformed."""
+def decode(payload: bytes, level: str, profile=None) -> pb.RawChunk:
+    """The inverse of :func:`encode` (the key left empty); ChunkCodecError when malformed
+    or when it names a profile other than ``profile``."""
     if level == RAW:
         raw = pb.RawChunk()
         try:
@@ -92,7 +115,7 @@ def decode(payload: bytes, level: str) -> pb.RawChunk:
         return raw
     kernels = _kernels()
     try:
-        kv = kernels.decode(payload)
+        kv = kernels.decode(payload, profile)
     except kernels.CodecError as exc:
         raise ChunkCodecError(str(exc)) from exc
     if len(kv.keys) != 1 or len(kv.values) != 1:
