@@ -12,9 +12,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvpool.sidecar.peerwire import Chunk, Message
 from kvpool.sidecar.proto import sidecar_pb2 as pb
+
+if TYPE_CHECKING:
+    from kvpool.sidecar.shm import Segment
 
 
 class TransferFailed(RuntimeError):
@@ -42,6 +46,8 @@ class Transfer:
     decoded: dict[int, asyncio.Future] = field(default_factory=dict)
     """Receiving side: chunk index -> its decoding into a Load reply, started as the chunk
     arrived (so that a reader finds it decoded instead of decoding it on the critical path)."""
+    segment: Segment | None = None
+    """Receiving side: the shared-memory segment its chunks are decoded into, if any."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -71,7 +77,12 @@ class Transfer:
 
     def fail(self, reason: str, message: str) -> None:
         """Close the transfer as failed and let go of its chunks at once: nobody can use
-        them any more (a reader gets the error), so memory does not wait for the lease."""
+        them any more (a reader gets the error), so memory does not wait for the lease.
+        Its shared-memory segment goes also when the transfer had completed (it is
+        dropped): a reader that still maps it took it off the transfer first."""
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
         if self.done:
             return
         self.error = TransferFailed(reason, f"transfer {self.transfer_id}: {message}")
