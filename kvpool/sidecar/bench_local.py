@@ -9,10 +9,11 @@ into a paged KV cache (vLLM's CPU layout) over the unix socket: with chunks as b
 the messages, or as descriptors of the decode sidecar's shared memory
 (:mod:`kvpool.sidecar.shm`). The sidecars run in another process, as beside an engine.
 
-Reported (medians over ``--runs`` alternating runs): ``fill_ms`` (wall time of ``_fill``,
-the load left exposed once the KV has arrived) and its CPU time in the connector process,
-for ``bytes`` and ``shm``; ``put_ms``/``put_cpu_ms`` (all Puts of one transfer: wall time,
-and CPU time of the connector process and the sidecars' process together).
+Reported (medians over ``--runs`` alternating runs), each for ``bytes`` and ``shm``:
+``fill_ms`` (wall time of ``_fill``, the load left exposed once the KV has arrived) and
+``fill_cpu_ms`` (its CPU time in the connector process); ``put_ms`` and ``put_cpu_ms``
+(every Put of one transfer, alone: wall time, and CPU time of the connector process and
+the sidecars' process together, which on a prefill worker competes with the forward pass).
 
 ``kvpool bench local --json``.
 """
@@ -53,7 +54,7 @@ def _sidecars(conn: Any, folder: str, shm_dir: str) -> None:
 
     async def main() -> None:
         made = []
-        for name, shared in (("prefill", "off"), ("bytes", "off"), ("shm", shm_dir)):
+        for name, shared in (("prefill", shm_dir), ("bytes", "off"), ("shm", shm_dir)):
             s = Sidecar(SidecarConfig(local=f"unix://{folder}/{name}.sock", metrics="",
                                       shm_dir=shared, shm_max_bytes=8 << 30))
             await s.start()
@@ -116,6 +117,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from kvpool.sidecar.connector import LoadSpec
+    from kvpool.sidecar.proto import sidecar_pb2 as pb
 
     g = torch.Generator().manual_seed(0)
     kv = [(torch.randn(args.tokens, args.width, generator=g).to(torch.bfloat16),
@@ -128,25 +130,33 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     child.start()
     try:
         peers = conn.recv()
-        prefill = _worker(f"unix://{folder}/prefill.sock", args, "off")
+        prefill = {path: _worker(f"unix://{folder}/prefill.sock", args, shared)
+                   for path, shared in (("bytes", "off"), ("shm", args.shm_dir))}
         loaders = {path: _worker(f"unix://{folder}/{path}.sock", args, args.shm_dir)
                    for path in ("bytes", "shm")}
         directory = loaders["shm"].shared_dir()
         if directory is None:
             raise RuntimeError(f"the connector does not see {args.shm_dir}")
-        runs: dict[str, list[tuple[float, float]]] = {"bytes": [], "shm": [], "put": []}
+        runs: dict[str, list[tuple[float, float]]] = {
+            "bytes": [], "shm": [], "put_bytes": [], "put_shm": []}
         for i in range(args.runs + 1):  # the first round warms up
-            for path, worker in loaders.items():
-                tid = f"{path}-{i}"
+            for path in ("bytes", "shm"):  # Put alone: wall and CPU, both processes
+                tid = f"put-{path}-{i}"
                 conn.send(("cpu",))
                 cpu0, own0, t0 = conn.recv(), _cpu_s(), time.perf_counter()
-                _put(prefill, tid, peers[f"unix://{folder}/{path}.sock"], kv, args)
+                _put(prefill[path], tid, "", kv, args)
+                put_s = time.perf_counter() - t0
+                conn.send(("cpu",))
+                put_cpu = conn.recv() - cpu0 + _cpu_s() - own0
+                prefill[path].client.seal(pb.SealRequest(transfer_id=tid, failed=True))
+                if i:
+                    runs[f"put_{path}"].append((put_s, put_cpu))
+            for path, worker in loaders.items():
+                tid = f"{path}-{i}"
+                _put(prefill["shm"], tid, peers[f"unix://{folder}/{path}.sock"], kv, args)
                 conn.send(("decoded", tid))
                 if not conn.recv():
                     raise RuntimeError(f"transfer {tid} did not arrive")
-                put_s = time.perf_counter() - t0  # Puts, push and decoding on arrival
-                conn.send(("cpu",))
-                put_cpu = conn.recv() - cpu0 + _cpu_s() - own0
                 spec = LoadSpec(request_id=tid, transfer_id=tid, peer="", expect_push=True,
                                 block_ids=list(range(-(-args.tokens // 32))), first_token=0,
                                 token_ids=list(range(args.tokens)))
@@ -157,8 +167,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     worker.client.release(tid)
                 if i:
                     runs[path].append(fill)
-                    runs["put"].append((put_s, put_cpu))
-        for worker in (prefill, *loaders.values()):
+        for worker in (*prefill.values(), *loaders.values()):
             worker.shutdown()
     finally:
         conn.send(("stop",))
@@ -177,8 +186,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "fill_cpu_ms": {p: med(runs[p], 1) for p in ("bytes", "shm")},
         "fill_ms_runs": {p: [round(1e3 * s[0], 1) for s in runs[p]] for p in ("bytes", "shm")},
         "shm_speedup": round(med(runs["bytes"], 0) / max(med(runs["shm"], 0), 1e-3), 2),
-        "put_transfer_ms": med(runs["put"], 0),
-        "put_cpu_ms": med(runs["put"], 1),
+        "put_ms": {p: med(runs[f"put_{p}"], 0) for p in ("bytes", "shm")},
+        "put_cpu_ms": {p: med(runs[f"put_{p}"], 1) for p in ("bytes", "shm")},
     }
 
 
@@ -186,8 +195,10 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(args)
     if not args.json:
         f = result["fill_ms"]
+        c = result["put_cpu_ms"]
         print(f"fill of {result['raw_bytes'] / 2**20:.0f} MiB: bytes {f['bytes']} ms, "
-              f"shm {f['shm']} ms ({result['shm_speedup']}x)", flush=True)
+              f"shm {f['shm']} ms ({result['shm_speedup']}x); Put CPU: bytes {c['bytes']} "
+              f"ms, shm {c['shm']} ms", flush=True)
     print(json.dumps(result))
     return 0
 

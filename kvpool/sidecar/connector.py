@@ -321,6 +321,8 @@ class KVPoolWorker:
         self._shm_lock = threading.Lock()
         self._shm_dir: Path | None = None
         self._shm_known = config.shm_dir.strip().lower() in shm.OFF[1:]  # off: never asked
+        self._put_buf: shm.PutBuffer | None = None
+        self._put_off = False
         self.stats = {"loaded": 0, "load_failures": 0, "saved_chunks": 0, "save_failures": 0}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -371,17 +373,58 @@ class KVPoolWorker:
     def _put(self, spec: SaveSpec, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if spec.transfer_id in self._broken:
             return
-        self.client.put(pb.PutRequest(
+        key = pb.ChunkKey(layer=layer, token_start=spec.start, token_end=spec.end,
+                          prefix_hash=spec.prefix_hash)
+        request = pb.PutRequest(
             transfer_id=spec.transfer_id, model=self.config.model, level=spec.level,
-            push_to=spec.push_to, num_layers=len(self.layer_names),
-            chunk=pb.RawChunk(
-                key=pb.ChunkKey(layer=layer, token_start=spec.start, token_end=spec.end,
-                                prefix_hash=spec.prefix_hash),
-                dtype=chunks.dtype_name(k.dtype), width=k.shape[1],
-                keys=chunks.to_bytes(k), values=chunks.to_bytes(v),
-            ),
-        ))
+            push_to=spec.push_to, num_layers=len(self.layer_names))
+        if not self._put_shared(request, key, k, v):
+            request.chunk.CopyFrom(pb.RawChunk(
+                key=key, dtype=chunks.dtype_name(k.dtype), width=k.shape[1],
+                keys=chunks.to_bytes(k), values=chunks.to_bytes(v)))
+            self.client.put(request)
         self.stats["saved_chunks"] += 1
+
+    def _put_shared(self, request: pb.PutRequest, key: pb.ChunkKey, k: torch.Tensor,
+                    v: torch.Tensor) -> bool:
+        """Put a chunk through the put buffer in shared memory; False when it must go as
+        bytes (no shared memory, no room, or the sidecar cannot read the buffer, in which
+        case the buffer is given up for good)."""
+        buffer = self._put_buffer()
+        if buffer is None:
+            return False
+        try:
+            request.shared.CopyFrom(buffer.write(key, k, v))
+        except shm.ShmFull:
+            return False
+        try:
+            self.client.put(request)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.warning("kvpool: sidecar %s cannot read the put buffer (%s): chunks go as "
+                        "bytes", self.config.sidecar, exc.details())
+            self._put_off = True
+            self._put_buf = None
+            buffer.close()
+            request.ClearField("shared")
+            return False
+        return True
+
+    def _put_buffer(self) -> shm.PutBuffer | None:
+        """The put buffer in the directory shared with the sidecar, made at the first Put
+        (sender thread only); None without shared memory."""
+        if self._put_buf is None and not self._put_off:
+            directory = self.shared_dir()
+            if directory is not None:
+                try:
+                    self._put_buf = shm.PutBuffer(directory)
+                except OSError as exc:
+                    log.warning("kvpool: no put buffer in %s: %s", directory, exc)
+                    self._put_off = True
+            elif self._shm_known:
+                self._put_off = True
+        return self._put_buf
 
     def _seal(self, spec: SaveSpec, num_layers: int) -> None:
         failed = spec.abort or spec.transfer_id in self._broken
@@ -522,6 +565,9 @@ class KVPoolWorker:
     def shutdown(self) -> None:
         self._outbox.put(None)
         self._sender.join(timeout=10)
+        if self._put_buf is not None:
+            self._put_buf.close()
+            self._put_buf = None
         self.client.close()
 
 

@@ -251,9 +251,11 @@ class Sidecar:
                 self.metrics.expired.inc(len(gone))
                 for transfer in gone:
                     log.info("lease expired", extra={"transfer": transfer.transfer_id})
-            for segment in self.shm.expire() if self.shm is not None else ():
-                log.info("shared-memory segment expired unreleased",
-                         extra={"transfer": segment.transfer_id, "bytes": segment.size})
+            if self.shm is not None:
+                for segment in self.shm.expire():
+                    log.info("shared-memory segment expired unreleased",
+                             extra={"transfer": segment.transfer_id, "bytes": segment.size})
+                self.shm.sweep_put_buffers()
             await asyncio.sleep(min(1.0, self.config.lease_s / 4))
 
     # ---- work shared by the services ------------------------------------------------------
@@ -431,9 +433,17 @@ class LocalService(pb_grpc.LocalServicer):
     async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutReply:
         s = self.sidecar
         level = request.level or s.config.level
+        raw = request.chunk
+        if request.HasField("shared"):
+            if s.shm is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "this sidecar has no shared memory: send the bytes")
+            try:
+                raw = await s.run_codec("read", s.shm.read_put, request.shared)
+            except shm.ShmError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         try:
             transfer = s.store.open(request.transfer_id, request.model)
-            raw = request.chunk
             if transfer.error is not None and transfer.error.reason in DECODE_RECOMPUTES:
                 return pb.PutReply(wire_bytes=0)  # the rest is not wanted: dropped
             if level == ADAPTIVE:

@@ -18,6 +18,12 @@ sidecar never serves a file of its predecessor, and each instance holds a lock f
 (``flock``) for its lifetime: at start a sidecar removes the files of every instance whose
 lock is no longer held (its process is gone), and nothing of a live one.
 
+The prefill connector hands its chunks over the same way in the other direction: it
+writes each chunk's keys and values into its *put buffer* (a file of its own there, held
+under ``flock`` while the process lives) and ``Put`` names the region; the sidecar reads
+them before replying, so one buffer serves the connector's one Put in flight. The sidecar
+removes the buffers of connectors that are gone (their lock is free).
+
 Negotiation: the sidecar writes a probe file holding a random token and announces the
 directory, the probe's name and the token in ``Info``; the connector reads the probe
 through its own path to the directory (``shm_dir``; default: the sidecar's) and asks for
@@ -57,7 +63,13 @@ OFF = ("", "off", "none")
 PREFIX = "kvpool-"
 PAGE = mmap.ALLOCATIONGRANULARITY
 FILE_MODE = 0o640
+PUT_PREFIX = "kvpool-put-"
+PUT_MODE = 0o644
+"""A put buffer is written by the connector and read by the sidecar, maybe another user."""
+PUT_GRACE_S = 5.0
+"""A put buffer younger than this is never swept (its connector may not hold it yet)."""
 _NAME = re.compile(r"kvpool-[0-9a-f]+-[0-9]+")
+_PUT_NAME = re.compile(r"kvpool-put-[0-9a-f]+")
 _INSTANCE = re.compile(r"kvpool-([0-9a-f]+)\.lock")
 
 
@@ -190,7 +202,7 @@ class SegmentDir:
 
     def _sweep(self) -> int:
         """Remove the files of instances whose process is gone (their lock is free)."""
-        removed = 0
+        removed = self.sweep_put_buffers()
         for lock in self.directory.glob(f"{PREFIX}*.lock"):
             match = _INSTANCE.fullmatch(lock.name)
             if match is None or match.group(1) == self.instance:
@@ -212,6 +224,53 @@ class SegmentDir:
         if removed:
             log.info("removed stale shared-memory files", extra={"files": removed})
         return removed
+
+    def sweep_put_buffers(self) -> int:
+        """Remove the put buffers of connectors that are gone (their lock is free)."""
+        removed = 0
+        for path in self.directory.glob(f"{PUT_PREFIX}*"):
+            try:
+                if time.time() - path.stat().st_ctime < PUT_GRACE_S:
+                    continue  # maybe just made, not locked yet
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its connector lives
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
+
+    def read_put(self, shared: pb.SharedChunk) -> pb.RawChunk:
+        """The chunk a connector's Put names in its put buffer, as a RawChunk (one copy
+        out of the buffer). ShmError when the descriptor does not fit the buffer."""
+        if not _PUT_NAME.fullmatch(shared.segment):
+            raise ShmError(f"{shared.segment!r} is not a put buffer name")
+        tokens = shared.key.token_end - shared.key.token_start
+        if not shared.width or shared.length != chunk_bytes(shared.dtype, shared.width, tokens):
+            raise ShmError(f"descriptor of {shared.length} bytes does not hold {tokens} "
+                           f"tokens of {shared.width} {shared.dtype} keys and values")
+        try:
+            fd = os.open(self.directory / shared.segment, os.O_RDONLY)
+        except OSError as exc:
+            raise ShmError(f"cannot open put buffer {shared.segment} in {self.directory}: "
+                           f"{exc.strerror}") from exc
+        try:
+            data = os.pread(fd, shared.length, shared.offset)
+        finally:
+            os.close(fd)
+        if len(data) != shared.length:
+            raise ShmError(f"put buffer {shared.segment} holds {len(data)} of the "
+                           f"{shared.length} bytes at {shared.offset}")
+        half = shared.length // 2
+        return pb.RawChunk(key=shared.key, dtype=shared.dtype, width=shared.width,
+                           keys=data[:half], values=data[half:])
 
     def __len__(self) -> int:
         return len(self._segments)
@@ -353,3 +412,47 @@ class SegmentReader:
         for fd in self._files.values():
             os.close(fd)
         self._files = {}
+
+
+class PutBuffer:
+    """The prefill connector's put buffer: a file in the shared directory, held under
+    ``flock`` while this process lives, grown to the largest chunk. One Put at a time."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.name = f"{PUT_PREFIX}{secrets.token_hex(8)}"
+        self.path = self.directory / self.name
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PUT_MODE)
+        os.fchmod(self.fd, PUT_MODE)  # whatever the umask
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        self.size = 0
+        self._region: np.ndarray | None = None
+
+    def _room(self, nbytes: int) -> np.ndarray:
+        if nbytes > self.size:
+            size = max(_aligned(nbytes), 2 * self.size)
+            try:
+                os.posix_fallocate(self.fd, 0, size)  # room now, not SIGBUS at first touch
+            except OSError as exc:
+                raise ShmFull(f"no room for a put buffer of {size} bytes: {exc}") from exc
+            self._region = None
+            self._region = np.frombuffer(mmap.mmap(self.fd, size), dtype=np.uint8)
+            self.size = size
+        return self._region
+
+    def write(self, key: pb.ChunkKey, k: torch.Tensor, v: torch.Tensor) -> pb.SharedChunk:
+        """Copy one chunk's keys then values into the buffer; its descriptor."""
+        kb = k.detach().contiguous().view(torch.uint8).numpy().reshape(-1)
+        vb = v.detach().contiguous().view(torch.uint8).numpy().reshape(-1)
+        region = self._room(kb.size + vb.size)
+        region[:kb.size] = kb
+        region[kb.size:kb.size + vb.size] = vb
+        return pb.SharedChunk(key=key, dtype=chunks.dtype_name(k.dtype), width=k.shape[1],
+                              segment=self.name, offset=0, length=kb.size + vb.size)
+
+    def close(self) -> None:
+        """Remove the buffer."""
+        self._region = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)

@@ -17,7 +17,14 @@ from kvpool.sidecar import codec, shm
 from kvpool.sidecar.proto import sidecar_pb2 as pb
 from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
 from kvpool.sidecar.server import Sidecar, SidecarConfig
-from tests.sidecar.test_sidecar_grpc import LAYERS, MODEL, load_all, put_transfer, until
+from tests.sidecar.test_sidecar_grpc import (
+    LAYERS,
+    MODEL,
+    load_all,
+    make_chunk,
+    put_transfer,
+    until,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -214,3 +221,47 @@ async def test_bad_descriptors_are_clear_errors(sides):
     finally:
         reader.close()
     assert os.path.exists(segment.path)
+
+
+async def test_a_put_through_the_put_buffer_holds_the_same_chunk(sides):
+    (_prefill, decode), (_p_local, d_local) = sides
+    buffer = shm.PutBuffer(decode.shm.directory)  # the decode sidecar takes Puts too
+    try:
+        for tid, shared in (("put-bytes", False), ("put-shm", True)):
+            for layer in range(LAYERS):
+                raw, k, v = make_chunk(layer, 0, 40, list(range(40)))
+                request = pb.PutRequest(transfer_id=tid, model=MODEL, level="raw")
+                if shared:
+                    request.shared.CopyFrom(buffer.write(raw.key, k, v))
+                else:
+                    request.chunk.CopyFrom(raw)
+                await d_local.Put(request)
+    finally:
+        buffer.close()
+    payloads = [[c.payload for c in decode.store.get(tid).chunks] for tid in ("put-bytes", "put-shm")]
+    assert payloads[0] == payloads[1] and len(payloads[0]) == LAYERS
+
+
+async def test_a_put_buffer_the_sidecar_cannot_read_is_refused_clearly(sides):
+    _, (p_local, d_local) = sides
+    raw, _, _ = make_chunk(0, 0, 8, list(range(8)))
+    shared = pb.SharedChunk(key=raw.key, dtype="bfloat16", width=raw.width,
+                            segment="kvpool-put-0123", offset=0, length=len(raw.keys) * 2)
+    for local, message in ((d_local, "cannot open put buffer"), (p_local, "no shared memory")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await local.Put(pb.PutRequest(transfer_id="t8", model=MODEL, shared=shared))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert message in err.value.details()
+
+
+async def test_put_buffers_of_gone_connectors_are_swept(sides, monkeypatch):
+    (_prefill, decode), _ = sides
+    monkeypatch.setattr(shm, "PUT_GRACE_S", 0.0)
+    live = shm.PutBuffer(decode.shm.directory)
+    gone = decode.shm.directory / "kvpool-put-00dead"
+    gone.write_bytes(b"x")  # nobody holds its lock
+    try:
+        assert decode.shm.sweep_put_buffers() == 1
+        assert not gone.exists() and live.path.exists()
+    finally:
+        live.close()
