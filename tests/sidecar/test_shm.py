@@ -5,6 +5,7 @@ lease; stale files of a dead sidecar are swept; bad descriptors are clear errors
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -31,23 +32,33 @@ pytestmark = pytest.mark.asyncio
 LEVELS = [lv for lv in ("raw", "lossless", "default") if lv in codec.levels()]
 
 
+@contextlib.asynccontextmanager
+async def sidecars(tmp_path, prefill_shm: str, decode_shm: str):
+    """A prefill and a decode sidecar with these shared-memory directories, each with a
+    Local client (unix socket)."""
+    made, channels = [], []
+    try:
+        for name, shm_dir in (("prefill", prefill_shm), ("decode", decode_shm)):
+            s = Sidecar(SidecarConfig(local=f"unix://{tmp_path}/{name}.sock", lease_s=30,
+                                      transfer_timeout_s=5, shm_dir=shm_dir))
+            await s.start()
+            made.append(s)
+            channels.append(grpc.aio.insecure_channel(s.config.local))
+        yield made, [pb_grpc.LocalStub(c) for c in channels]
+    finally:
+        for c in channels:
+            await c.close()
+        for s in made:
+            await s.stop(grace=0)
+
+
 @pytest_asyncio.fixture
 async def sides(tmp_path):
     """A prefill sidecar without shared memory and a decode sidecar keeping decoded chunks
-    in ``tmp_path/shm``, each with a Local client (unix socket)."""
+    in ``tmp_path/shm``."""
     (tmp_path / "shm").mkdir()
-    sidecars, channels = [], []
-    for name, shm_dir in (("prefill", "off"), ("decode", str(tmp_path / "shm"))):
-        s = Sidecar(SidecarConfig(local=f"unix://{tmp_path}/{name}.sock", lease_s=30,
-                                  transfer_timeout_s=5, shm_dir=shm_dir))
-        await s.start()
-        sidecars.append(s)
-        channels.append(grpc.aio.insecure_channel(s.config.local))
-    yield sidecars, [pb_grpc.LocalStub(c) for c in channels]
-    for c in channels:
-        await c.close()
-    for s in sidecars:
-        await s.stop(grace=0)
+    async with sidecars(tmp_path, "off", str(tmp_path / "shm")) as made:
+        yield made
 
 
 async def load_shared(local, request, directory):
