@@ -208,8 +208,8 @@ class SegmentDir:
             if match is None or match.group(1) == self.instance:
                 continue
             try:
-                fd = os.open(lock, os.O_RDWR)
-            except FileNotFoundError:
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError:  # gone, or another user's
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -218,7 +218,7 @@ class SegmentDir:
             finally:
                 os.close(fd)
             for stale in self.directory.glob(f"{PREFIX}{match.group(1)}[-.]*"):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     stale.unlink()
                     removed += 1
         if removed:
@@ -233,14 +233,14 @@ class SegmentDir:
                 if time.time() - path.stat().st_ctime < PUT_GRACE_S:
                     continue  # maybe just made, not locked yet
                 fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
+            except OSError:  # gone, or another user's
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its connector lives
             else:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     path.unlink()
                     removed += 1
             finally:
