@@ -133,3 +133,20 @@ async def test_a_segment_gone_before_the_load_makes_the_request_recompute(tmp_pa
         finally:
             producer.shutdown()
             consumer.shutdown()
+
+
+async def test_bench_local_reports_both_paths(tmp_path):
+    """``kvpool bench local`` on a small transfer: its JSON keys (no timings checked)."""
+    import argparse
+
+    from kvpool.sidecar import bench_local
+
+    parser = argparse.ArgumentParser()
+    bench_local.configure(parser)
+    result = await asyncio.to_thread(bench_local.run_bench, parser.parse_args([
+        "--tokens", "96", "--layers", "2", "--chunk-tokens", "64", "--runs", "1",
+        "--shm-dir", str(tmp_path)]))
+    for key in ("fill_ms", "fill_cpu_ms", "put_ms", "put_cpu_ms"):
+        assert set(result[key]) == {"bytes", "shm"}
+    assert result["raw_bytes"] == 2 * 96 * 192 * 2 * 2
+    assert not list(tmp_path.glob("kvpool-*")), "every file removed at the end"
