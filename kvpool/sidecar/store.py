@@ -78,19 +78,23 @@ class Transfer:
     def fail(self, reason: str, message: str) -> None:
         """Close the transfer as failed and let go of its chunks at once: nobody can use
         them any more (a reader gets the error), so memory does not wait for the lease.
-        Its shared-memory segment goes also when the transfer had completed (it is
-        dropped): a reader that still maps it took it off the transfer first."""
-        if self.segment is not None:
-            self.segment.release()
-            self.segment = None
+        A transfer already closed is left as it is."""
         if self.done:
             return
+        self.release_segment()
         self.error = TransferFailed(reason, f"transfer {self.transfer_id}: {message}")
         self.chunks = []
         for future in self.decoded.values():
             future.cancel()
         self.decoded = {}
         self._notify()
+
+    def release_segment(self) -> None:
+        """Remove its shared-memory segment, if any (a reader that still maps it took it
+        off the transfer first)."""
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
 
     @property
     def held_bytes(self) -> int:
@@ -180,6 +184,7 @@ class TransferStore:
         transfer = self._transfers.pop(transfer_id, None)
         if transfer is not None:
             transfer.fail("dropped", "dropped")
+            transfer.release_segment()
 
     def expire(self, now: float | None = None) -> list[Transfer]:
         """Drop every transfer past its lease; returns them."""
@@ -188,6 +193,7 @@ class TransferStore:
         for transfer in gone:
             del self._transfers[transfer.transfer_id]
             transfer.fail("expired", "lease expired")
+            transfer.release_segment()
         return gone
 
     @property

@@ -5,6 +5,7 @@ lease; stale files of a dead sidecar are swept; bad descriptors are clear errors
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -129,6 +130,29 @@ async def test_the_segment_lives_until_release(sides):
     assert segment_files(decode) == [] and decode.shm.held_bytes == 0
 
 
+async def test_a_pulled_transfer_keeps_its_segment_until_release(sides):
+    """Decode pulls (nothing was pushed): the segment outlives the pull and the Load, so a
+    connector that maps the regions only after reading every reply still finds them."""
+    (prefill, decode), (p_local, d_local) = sides
+    directory = shm.attach(await d_local.Info(pb.InfoRequest()))
+    sent = await put_transfer(p_local, "tp", list(range(64)), [(0, 32), (32, 64)])
+    descriptors = [r.shared async for r in d_local.Load(pb.LoadRequest(
+        transfer_id="tp", model=MODEL, peer=prefill.peer_address, shared_memory=True))
+        if r.WhichOneof("item") == "shared"]
+    assert len(descriptors) == 2 * LAYERS
+    await asyncio.sleep(0.2)  # the pull's own end, after the Load's
+    reader = shm.SegmentReader(directory)
+    try:
+        for d in descriptors:
+            k, v = reader.planes(d)
+            want = sent[d.key.layer, d.key.token_start]
+            assert torch.equal(k, want[0]) and torch.equal(v, want[1])
+    finally:
+        reader.close()
+    await d_local.Release(pb.ReleaseRequest(transfer_id="tp"))
+    assert segment_files(decode) == []
+
+
 async def test_a_reader_without_the_directory_gets_bytes(sides, tmp_path):
     (_prefill, decode), (p_local, d_local) = sides
     info = await d_local.Info(pb.InfoRequest())
@@ -157,7 +181,12 @@ async def test_a_sidecar_without_shared_memory_announces_none(sides):
 
 async def test_a_failed_transfer_lets_its_segment_go(sides):
     (_prefill, decode), (p_local, _d_local) = sides
-    await pushed(p_local, decode, "t4")
+    for layer in range(LAYERS):  # pushed, decoded on arrival, never sealed
+        raw, _, _ = make_chunk(layer, 0, 32, list(range(32)))
+        await p_local.Put(pb.PutRequest(transfer_id="t4", model=MODEL, level="raw",
+                                        push_to=decode.peer_address, chunk=raw))
+    await until(lambda: (t := decode.store.get("t4")) is not None and len(t.chunks) == LAYERS
+                and all(f.done() for f in t.decoded.values()))
     assert segment_files(decode)
     decode.store.get("t4").fail("peer", "for the test")
     assert segment_files(decode) == [] and decode.shm.held_bytes == 0
