@@ -468,6 +468,9 @@ class KVPoolWorker:
             detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning("kvpool: load of transfer %s failed, request %s recomputes: %s",
                         spec.transfer_id, spec.request_id, detail)
+            if isinstance(exc, shm.ShmError):  # e.g. a restarted sidecar elsewhere: ask again
+                with self._shm_lock:
+                    self._shm_known = False
             with self._lock:
                 self.stats["load_failures"] += 1
                 self._failed.add(spec.request_id)

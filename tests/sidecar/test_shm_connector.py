@@ -130,6 +130,8 @@ async def test_a_segment_gone_before_the_load_makes_the_request_recompute(tmp_pa
             (shared / decode.store.get("d").segment.name).unlink()  # lost under the sidecar
             assert await load(consumer, "d") == ({"d"}, {"d"})
             assert consumer.stats["load_failures"] == 1
+            assert not consumer._shm_known, "the next load asks the sidecar again"
+            assert await asyncio.to_thread(consumer.shared_dir) == shared
         finally:
             producer.shutdown()
             consumer.shutdown()
