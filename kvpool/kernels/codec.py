@@ -261,8 +261,13 @@ def decode(
     device: str = "cpu",
     threads: int | None = None,
     max_raw_bytes: int | None = None,
+    out: list[Any] | None = None,
 ) -> KVCache:
     """The inverse of :func:`encode`: torch tensors on ``device`` in the chunk's dtype.
+
+    ``out``: tensors to decode into instead of new ones (keys then values of each layer,
+    i.e. ``[k0, v0, k1, v1, ...]``, each contiguous ``[tokens, width]`` in the frame's
+    dtype, e.g. views of a shared-memory segment); CodecError when they do not fit.
 
     Any truncated, corrupt or hostile input raises CodecError (never a crash, never
     silently wrong data). A chunk naming a profile needs that profile (else CodecError).
@@ -294,14 +299,29 @@ def decode(
     if dev.type not in ("cpu", "cuda"):
         raise CodecError(f"cannot decode onto device {device!r}")
     gpu = _cuda() if dev.type == "cuda" else None
-    outs = []
-    for t, w, *_ in h["layers"]:
-        outs += [torch.empty((t, w), dtype=dtype, device=dev) for _ in range(2)]
+    if out is not None:
+        outs = _outputs(out, h["layers"], dtype, dev)
+    else:
+        outs = [torch.empty((t, w), dtype=dtype, device=dev)
+                for t, w, *_ in h["layers"] for _ in range(2)]
     if gpu is not None:
         gpu.decode(view, outs, tables)
     else:
         _codec.decode(view, outs, tables, threads or default_threads())
     return KVCache(keys=outs[0::2], values=outs[1::2])
+
+
+def _outputs(out: list[Any], layers: list, dtype: Any, dev: Any) -> list[Any]:
+    """``out`` checked against a frame's planes (one per key and value plane of each layer)."""
+    shapes = [(t, w) for t, w, *_ in layers for _ in range(2)]
+    if len(out) != len(shapes):
+        raise CodecError(f"the frame has {len(shapes)} planes, {len(out)} outputs given")
+    for o, shape in zip(out, shapes):
+        if (tuple(o.shape) != shape or o.dtype != dtype or o.device != dev
+                or not o.is_contiguous()):
+            raise CodecError(f"output {tuple(o.shape)} {o.dtype} on {o.device} does not fit "
+                             f"a plane {shape} {dtype} on {dev} (contiguous)")
+    return list(out)
 
 
 def raw_nbytes(kv: KVCache) -> int:

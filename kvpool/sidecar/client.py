@@ -38,5 +38,10 @@ class SidecarClient:
         """The transfer's chunks then its end; grpc.RpcError when it cannot complete."""
         return self._stub.Load(request, timeout=self.timeout_s)
 
+    def release(self, transfer_id: str) -> pb.ReleaseReply:
+        """Let the sidecar remove the transfer's shared memory (read, or given up)."""
+        return self._stub.Release(pb.ReleaseRequest(transfer_id=transfer_id),
+                                  timeout=self.timeout_s)
+
     def close(self) -> None:
         self._channel.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from kvpool.sidecar import chunks
@@ -127,3 +128,32 @@ def decode(payload: bytes, level: str, profile=None) -> pb.RawChunk:
         keys=chunks.to_bytes(keys),
         values=chunks.to_bytes(values),
     )
+
+
+def decode_into(payload: bytes, level: str, region: np.ndarray) -> tuple[str, int]:
+    """Decode a chunk into ``region`` (uint8, exactly the size of its keys then values,
+    e.g. a shared-memory mapping): the codec writes there directly, a raw chunk is copied
+    once. Returns the chunk's dtype name and width; ChunkCodecError when malformed or when
+    its size is not the region's."""
+    if level == RAW:
+        raw = decode(payload, RAW)
+        if len(raw.keys) + len(raw.values) != len(region):
+            raise ChunkCodecError(f"a raw chunk of {len(raw.keys) + len(raw.values)} bytes "
+                                  f"said it holds {len(region)}")
+        half = len(raw.keys)
+        region[:half] = np.frombuffer(raw.keys, dtype=np.uint8)
+        region[half:] = np.frombuffer(raw.values, dtype=np.uint8)
+        return raw.dtype, raw.width
+    kernels = _kernels()
+    try:
+        info = kernels.peek(payload)
+        if len(info.layers) != 1:
+            raise ChunkCodecError(f"a chunk holds one layer, this one {len(info.layers)}")
+        if info.raw_bytes != len(region):
+            raise ChunkCodecError(f"a chunk decoding to {info.raw_bytes} bytes said it "
+                                  f"holds {len(region)}")
+        width = info.layers[0][1]
+        kernels.decode(payload, out=list(chunks.planes(region, info.dtype, width)))
+    except kernels.CodecError as exc:
+        raise ChunkCodecError(str(exc)) from exc
+    return info.dtype, width

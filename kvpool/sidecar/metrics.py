@@ -51,8 +51,13 @@ class SidecarMetrics:
             "it, or NIXL is unavailable here)", ["side", "reason"], registry=r,
         )
         self.held = Gauge("kvpool_sidecar_held_transfers", "Transfers held in memory", registry=r)
-        self.held_bytes = Gauge("kvpool_sidecar_held_bytes",
-                                "Bytes of encoded chunks held in memory", registry=r)
+        self.held_bytes = Gauge(
+            "kvpool_sidecar_held_bytes",
+            "Bytes of KV held in memory: encoded chunks and shared-memory segments", registry=r)
+        self.local_chunks = Counter(
+            "kvpool_sidecar_local_chunks",
+            "Decoded chunks handed to the connector, by path: shm (a descriptor of shared "
+            "memory) or bytes (in the message)", ["path"], registry=r)
         self.expired = Counter(
             "kvpool_sidecar_expired_transfers", "Transfers dropped when their lease ran out",
             registry=r,

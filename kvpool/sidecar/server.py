@@ -5,7 +5,9 @@ It serves two gRPC services (kvpool/sidecar/proto/sidecar.proto):
 * ``Local`` on a unix socket, for its vLLM KV connector (kvpool.sidecar.connector):
   ``Put`` takes one layer's KV of a prefill step and encodes it at once (raw or a codec
   level, per chunk), ``Seal`` closes the transfer, ``Load`` streams a transfer's decoded
-  chunks back as they arrive.
+  chunks back as they arrive: as bytes, or, with a connector that maps this sidecar's
+  shared-memory directory (``--shm-dir``, :mod:`kvpool.sidecar.shm`), as descriptors of
+  the regions they were decoded into; ``Release`` gives such a transfer's memory back.
 * ``Peer`` on TCP, for the other sidecars: ``Pull`` streams a transfer held here as it is
   produced; ``Push`` receives one that a prefill sidecar streams here on its own.
 
@@ -35,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import google_crc32c
@@ -43,7 +45,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvpool.sidecar import adaptive, codec, malloc, peerwire, tls
+from kvpool.sidecar import adaptive, codec, malloc, peerwire, shm, tls
 from kvpool.sidecar import health as transfer_health
 from kvpool.sidecar.metrics import SidecarMetrics
 from kvpool.sidecar.proto import sidecar_pb2 as pb
@@ -104,6 +106,12 @@ class SidecarConfig:
     slots x slot size; a full pool pushes back on the producer)."""
     nixl_slot_bytes: int = 16 << 20
     """NIXL transport: the largest encoded chunk."""
+    shm_dir: str = field(default_factory=shm.default_dir)
+    """Memory-backed directory shared with the connector, where decoded chunks are handed
+    over in place (:mod:`kvpool.sidecar.shm`); ``off`` or empty: bytes over the socket."""
+    shm_max_bytes: int = 1 << 30
+    """The most shared memory held at once (keep it under the directory's size limit);
+    chunks beyond it go as bytes."""
 
 
 CANCEL_GRACE_S = 0.5
@@ -143,6 +151,19 @@ def load_reply(chunk: peerwire.Chunk) -> pb.LoadReply:
     return reply
 
 
+def shared_reply(segment: shm.Segment, offset: int, chunk: peerwire.Chunk) -> pb.LoadReply:
+    """One encoded chunk decoded into its region of a shared-memory segment, and the
+    descriptor ``Load`` sends in its place (as bytes when the directory is full)."""
+    try:
+        dtype, width = segment.write(offset, chunk.raw_bytes, lambda region: codec.decode_into(
+            chunk.payload, chunk.level, region))
+    except shm.ShmFull:
+        return load_reply(chunk)
+    return pb.LoadReply(shared=pb.SharedChunk(
+        key=chunk.key, dtype=dtype, width=width, segment=segment.name, offset=offset,
+        length=chunk.raw_bytes))
+
+
 class Sidecar:
     """One sidecar: its transfers, its two gRPC servers and its metrics."""
 
@@ -162,7 +183,11 @@ class Sidecar:
         self.store = TransferStore(config.lease_s)
         self.metrics = SidecarMetrics()
         self.metrics.held.set_function(lambda: len(self.store))
-        self.metrics.held_bytes.set_function(lambda: self.store.held_bytes)
+        self.metrics.held_bytes.set_function(
+            lambda: self.store.held_bytes + (self.shm.held_bytes if self.shm is not None else 0))
+        self.shm: shm.SegmentDir | None = None
+        self._reader_maps = True
+        """Whether the connector maps shared memory (its last Load said so; assumed at first)."""
         self.health = transfer_health.TransferHealth(role="sidecar", registry=self.metrics.registry)
         self.policy: adaptive.LevelPolicy | None = None
         self._layers: dict[str, int] = {}
@@ -195,6 +220,7 @@ class Sidecar:
     async def start(self) -> dict[str, str]:
         """Listen on every address; returns where (``local``, ``peer``, ``metrics``)."""
         malloc.tune()  # chunks are MiB-sized: reuse their memory instead of faulting it in
+        self._open_shm()
         options = CHANNEL_OPTIONS
         health_servicer = health.aio.HealthServicer()
         local = grpc.aio.server(options=options)
@@ -242,6 +268,20 @@ class Sidecar:
         if self._metrics_server is not None:
             await self._metrics_server.cleanup()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+
+    def _open_shm(self) -> None:
+        """Set up the shared-memory directory, or go without it (with a warning)."""
+        directory = self.config.shm_dir
+        if not shm.enabled(directory):
+            return
+        try:
+            self.shm = shm.SegmentDir(directory, self.config.shm_max_bytes, self.config.lease_s)
+        except OSError as exc:
+            log.warning("no shared memory with the connector: chunks go over the socket",
+                        extra={"shm_dir": directory, "error": str(exc)})
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -256,6 +296,11 @@ class Sidecar:
                 self.metrics.expired.inc(len(gone))
                 for transfer in gone:
                     log.info("lease expired", extra={"transfer": transfer.transfer_id})
+            if self.shm is not None:
+                for segment in self.shm.expire():
+                    log.info("shared-memory segment expired unreleased",
+                             extra={"transfer": segment.transfer_id, "bytes": segment.size})
+                self.shm.sweep_put_buffers()
             await asyncio.sleep(min(1.0, self.config.lease_s / 4))
 
     # ---- work shared by the services ------------------------------------------------------
@@ -420,7 +465,7 @@ class Sidecar:
         """Start decoding a received chunk at once, in the codec threads: the reader
         (``Load``, once decode asks for the KV) then finds its reply ready, and decoding
         overlaps the transfer instead of following it."""
-        future = asyncio.ensure_future(self.run_codec("decode", load_reply, chunk))
+        future = asyncio.ensure_future(self.decode(transfer, chunk))
         # a transfer that fails or is dropped unread leaves its decodings unawaited
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         transfer.decoded[index] = future
@@ -432,6 +477,23 @@ class Sidecar:
         future = transfer.decoded.pop(index, None)
         if future is not None:
             return await future
+        return await self.decode(transfer, chunk)
+
+    async def decode(self, transfer: Transfer, chunk: peerwire.Chunk) -> pb.LoadReply:
+        """Decode a chunk for Load: into the transfer's shared-memory segment while the
+        connector maps them (the region is reserved here, in order), else as bytes."""
+        if (self.shm is not None and self._reader_maps and chunk.raw_bytes
+                and transfer.error is None):
+            try:
+                if transfer.segment is None:
+                    transfer.segment = self.shm.create(transfer.transfer_id)
+                offset = transfer.segment.reserve(chunk.raw_bytes)
+            except (shm.ShmFull, OSError) as exc:
+                log.debug("chunk goes as bytes", extra={"transfer": transfer.transfer_id,
+                                                        "reason": str(exc)})
+            else:
+                return await self.run_codec("decode", shared_reply, transfer.segment, offset,
+                                            chunk)
         return await self.run_codec("decode", load_reply, chunk)
 
     async def pull(self, transfer: Transfer, peer: str) -> None:
@@ -462,14 +524,27 @@ class LocalService(pb_grpc.LocalServicer):
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         s = self.sidecar
         return pb.InfoReply(peer=s.peer_address, level=s.config.level, levels=codec.levels(),
-                            instance=s.instance, transports=s.transports)
+                            instance=s.instance, transports=s.transports,
+                            **(s.shm.info() if s.shm is not None else {}))
+
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseReply:
+        s = self.sidecar
+        return pb.ReleaseReply(bytes=s.shm.release(request.transfer_id) if s.shm is not None else 0)
 
     async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutReply:
         s = self.sidecar
         level = request.level or s.config.level
+        raw = request.chunk
+        if request.HasField("shared"):
+            if s.shm is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "this sidecar has no shared memory: send the bytes")
+            try:
+                raw = await s.run_codec("read", s.shm.read_put, request.shared)
+            except shm.ShmError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         try:
             transfer = s.store.open(request.transfer_id, request.model)
-            raw = request.chunk
             if unwanted(transfer):
                 return pb.PutReply(wire_bytes=0)  # the rest is not wanted: dropped
             if level == ADAPTIVE:
@@ -548,6 +623,9 @@ class LocalService(pb_grpc.LocalServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         start = time.perf_counter()
         index = -1
+        delivered = False
+        if s.shm is not None:
+            s._reader_maps = request.shared_memory
         try:
             async for item in transfer.follow(s.config.transfer_timeout_s):
                 index += 1
@@ -555,16 +633,24 @@ class LocalService(pb_grpc.LocalServicer):
                     # Counted before the last reply: the connector hangs up as soon as it
                     # has it, which may close this stream at the yield.
                     s.loaded(transfer, request.transfer_id, start)
+                    delivered = True
                     yield pb.LoadReply(end=item)
                     break
                 if item.key.token_end <= request.first_token:
                     transfer.decoded.pop(index, None)
                     continue
                 reply = await s.load_reply(transfer, index, item)
+                if reply.WhichOneof("item") == "shared" and not request.shared_memory:
+                    if transfer.segment is None:
+                        raise TransferFailed("dropped", "its shared memory was released")
+                    reply = pb.LoadReply(chunk=shm.read_back(transfer.segment, reply.shared))
+                path = "shm" if reply.WhichOneof("item") == "shared" else "bytes"
+                nbytes = (reply.shared.length if path == "shm"
+                          else len(reply.chunk.keys) + len(reply.chunk.values))
                 s.health.chunk(item.level)
                 s.metrics.chunks.labels("decoded", item.level).inc()
-                s.metrics.raw_bytes.labels("decoded").inc(
-                    len(reply.chunk.keys) + len(reply.chunk.values))
+                s.metrics.local_chunks.labels(path).inc()
+                s.metrics.raw_bytes.labels("decoded").inc(nbytes)
                 yield reply
         except (TransferFailed, codec.ChunkCodecError) as exc:
             reason = exc.reason if isinstance(exc, TransferFailed) else "codec"
@@ -576,6 +662,9 @@ class LocalService(pb_grpc.LocalServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{reason}: {exc}",
                                 trailing_metadata=((REASON_KEY, reason),))
         finally:
+            if delivered and request.shared_memory:
+                # The connector still reads the segment: it goes on Release, or at its lease.
+                transfer.segment = None
             s.store.drop(request.transfer_id)
 
 
@@ -732,6 +821,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         dest="transfer_timeout_s",
                         help="seconds to wait for a transfer to complete")
     parser.add_argument("--codec-threads", type=int, default=d.codec_threads)
+    parser.add_argument("--shm-dir", default=d.shm_dir,
+                        help="memory-backed directory shared with the connector, for decoded "
+                             f"chunks (default ${shm.ENV_DIR} or {shm.DEFAULT_DIR}; 'off': none)")
+    parser.add_argument("--shm-max-mb", type=float, default=d.shm_max_bytes / 2**20,
+                        help="the most shared memory held at once (under the directory's limit)")
     parser.add_argument("--ready-file", help="also write the ready line to this file")
     parser.add_argument("--log-level", default="info")
 
@@ -766,6 +860,7 @@ def run(args: argparse.Namespace) -> int:
         codec_threads=args.codec_threads, transport=args.transport, tls_dir=args.tls_dir,
         ttft_target_s=args.ttft_target_ms / 1e3, decode_reserve_s=args.decode_reserve_ms / 1e3,
         nixl_slots=args.nixl_slots, nixl_slot_bytes=int(args.nixl_slot_mb * 2**20),
+        shm_dir=args.shm_dir, shm_max_bytes=int(args.shm_max_mb * 2**20),
     )
     asyncio.run(serve(config, args.ready_file))
     return 0

@@ -12,9 +12,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvpool.sidecar.peerwire import Chunk, Message
 from kvpool.sidecar.proto import sidecar_pb2 as pb
+
+if TYPE_CHECKING:
+    from kvpool.sidecar.shm import Segment
 
 
 class TransferFailed(RuntimeError):
@@ -46,6 +50,8 @@ class Transfer:
     decoded: dict[int, asyncio.Future] = field(default_factory=dict)
     """Receiving side: chunk index -> its decoding into a Load reply, started as the chunk
     arrived (so that a reader finds it decoded instead of decoding it on the critical path)."""
+    segment: Segment | None = None
+    """Receiving side: the shared-memory segment its chunks are decoded into, if any."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -84,15 +90,24 @@ class Transfer:
 
     def fail(self, reason: str, message: str) -> None:
         """Close the transfer as failed and let go of its chunks at once: nobody can use
-        them any more (a reader gets the error), so memory does not wait for the lease."""
+        them any more (a reader gets the error), so memory does not wait for the lease.
+        A transfer already closed is left as it is."""
         if self.done:
             return
+        self.release_segment()
         self.error = TransferFailed(reason, f"transfer {self.transfer_id}: {message}")
         self.chunks = []
         for future in self.decoded.values():
             future.cancel()
         self.decoded = {}
         self._notify()
+
+    def release_segment(self) -> None:
+        """Remove its shared-memory segment, if any (a reader that still maps it took it
+        off the transfer first)."""
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
 
     @property
     def held_bytes(self) -> int:
@@ -182,6 +197,7 @@ class TransferStore:
         transfer = self._transfers.pop(transfer_id, None)
         if transfer is not None:
             transfer.fail("dropped", "dropped")
+            transfer.release_segment()
 
     def expire(self, now: float | None = None) -> list[Transfer]:
         """Drop every transfer past its lease; returns them."""
@@ -190,6 +206,7 @@ class TransferStore:
         for transfer in gone:
             del self._transfers[transfer.transfer_id]
             transfer.fail("expired", "lease expired")
+            transfer.release_segment()
         return gone
 
     @property
