@@ -14,7 +14,7 @@ Encoding with such a profile moves every level's bins along the ladder, finer on
 the model is most sensitive to and coarser on the others, as rate-distortion theory
 allocates bits (:meth:`Profile.steps`); the bins land in each chunk's header as always.
 
-File format (version 1): a numpy ``.npz`` archive (no pickles) with ``meta`` (UTF-8 JSON:
+File format (version 2): a numpy ``.npz`` archive (no pickles) with ``meta`` (UTF-8 JSON:
 format, version, model, planes, widths, hash), arrays ``p{plane}.mu``, ``p{plane}.sigma``
 and ``p{plane}.{role}{bins}g{group}`` ([width, bins] uint16), and optionally
 ``sensitivity`` ([planes] float32). The hash is SHA-256 over the canonical JSON of the model
@@ -42,7 +42,8 @@ ROBUST = 0.001
 """Quantiles that bound a channel's range in a profile (0.1 % and 99.9 %)."""
 
 FORMAT = "kvpool-codec-profile"
-VERSION = 1
+VERSION = 2
+"""2: tables up to three ladder steps from every level's bins, and context tables."""
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -13,12 +13,15 @@ context tables, nothing carried in the chunk); the decoding side needs the same 
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 import torch
 
 from kvpool.sidecar import chunks
 from kvpool.sidecar.proto import sidecar_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 RAW = "raw"
 """The level that ships tensors uncompressed."""
@@ -62,6 +65,12 @@ def load_profile(path: str):
         raise ChunkCodecError(f"cannot use profile {path}: {exc}") from exc
 
 
+@functools.cache
+def _warn_once(profile: str, level: str, why: str) -> None:
+    log.warning("profile %s cannot code level %s, chunks carry their own tables: %s",
+                profile, level, why)
+
+
 def _fits(profile, chunk: pb.RawChunk, num_layers: int) -> bool:
     widths = profile.widths
     layer = chunk.key.layer
@@ -85,9 +94,14 @@ def encode(chunk: pb.RawChunk, level: str, num_layers: int = 0, profile=None) ->
     kernels = _kernels()
     try:
         depth = (chunk.key.layer, num_layers) if num_layers else None
-        use = profile if profile is not None and _fits(profile, chunk, num_layers) else None
-        return kernels.encode(to_kvcache(chunk), level=level, profile=use, depth=depth,
-                              position=chunk.key.token_start)
+        kv = to_kvcache(chunk)
+        if profile is not None and _fits(profile, chunk, num_layers):
+            try:
+                return kernels.encode(kv, level=level, profile=profile, depth=depth,
+                                      position=chunk.key.token_start)
+            except kernels.CodecError as exc:  # e.g. made before this level's bins existed
+                _warn_once(profile.hash, level, str(exc))
+        return kernels.encode(kv, level=level, depth=depth, position=chunk.key.token_start)
     except (ValueError, kernels.CodecError) as exc:
         raise ChunkCodecError(f"cannot encode chunk: {exc}") from exc
 
@@ -130,7 +144,7 @@ def decode(payload: bytes, level: str, profile=None) -> pb.RawChunk:
     )
 
 
-def decode_into(payload: bytes, level: str, region: np.ndarray) -> tuple[str, int]:
+def decode_into(payload: bytes, level: str, region: np.ndarray, profile=None) -> tuple[str, int]:
     """Decode a chunk into ``region`` (uint8, exactly the size of its keys then values,
     e.g. a shared-memory mapping): the codec writes there directly, a raw chunk is copied
     once. Returns the chunk's dtype name and width; ChunkCodecError when malformed or when
@@ -153,7 +167,7 @@ def decode_into(payload: bytes, level: str, region: np.ndarray) -> tuple[str, in
             raise ChunkCodecError(f"a chunk decoding to {info.raw_bytes} bytes said it "
                                   f"holds {len(region)}")
         width = info.layers[0][1]
-        kernels.decode(payload, out=list(chunks.planes(region, info.dtype, width)))
+        kernels.decode(payload, profile, out=list(chunks.planes(region, info.dtype, width)))
     except kernels.CodecError as exc:
         raise ChunkCodecError(str(exc)) from exc
     return info.dtype, width

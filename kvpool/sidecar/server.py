@@ -112,6 +112,10 @@ class SidecarConfig:
     shm_max_bytes: int = 1 << 30
     """The most shared memory held at once (keep it under the directory's size limit);
     chunks beyond it go as bytes."""
+    profile: str = ""
+    """A codec profile file of the model (``kvpool profile``): lossy chunks of a model of its
+    shape code with it (rate-distortion bins, context tables, no tables in the chunk); the
+    sidecars of a pair need the same one. Empty: chunks carry their own tables."""
 
 
 CANCEL_GRACE_S = 0.5
@@ -143,22 +147,23 @@ async def refuse_restarted(context: grpc.aio.ServicerContext, message: str) -> N
                         trailing_metadata=refusal_metadata())
 
 
-def load_reply(chunk: peerwire.Chunk) -> pb.LoadReply:
+def load_reply(chunk: peerwire.Chunk, profile=None) -> pb.LoadReply:
     """One encoded chunk decoded into the reply ``Load`` sends its connector (built in a
     codec thread: the copies stay off the event loop)."""
-    reply = pb.LoadReply(chunk=codec.decode(chunk.payload, chunk.level))
+    reply = pb.LoadReply(chunk=codec.decode(chunk.payload, chunk.level, profile))
     reply.chunk.key.CopyFrom(chunk.key)
     return reply
 
 
-def shared_reply(segment: shm.Segment, offset: int, chunk: peerwire.Chunk) -> pb.LoadReply:
+def shared_reply(segment: shm.Segment, offset: int, chunk: peerwire.Chunk,
+                 profile=None) -> pb.LoadReply:
     """One encoded chunk decoded into its region of a shared-memory segment, and the
     descriptor ``Load`` sends in its place (as bytes when the directory is full)."""
     try:
         dtype, width = segment.write(offset, chunk.raw_bytes, lambda region: codec.decode_into(
-            chunk.payload, chunk.level, region))
+            chunk.payload, chunk.level, region, profile))
     except shm.ShmFull:
-        return load_reply(chunk)
+        return load_reply(chunk, profile)
     return pb.LoadReply(shared=pb.SharedChunk(
         key=chunk.key, dtype=dtype, width=width, segment=segment.name, offset=offset,
         length=chunk.raw_bytes))
@@ -174,6 +179,7 @@ class Sidecar:
             raise ValueError(f"unknown transport {config.transport!r}: grpc or nixl")
         self.config = config
         self.instance = new_instance()
+        self.profile = codec.load_profile(config.profile) if config.profile else None
         self.tls = tls.load_bundle(config.tls_dir) if config.tls_dir else None
         self.grpc = GrpcTransport(tls.channel_credentials(self.tls) if self.tls else None)
         self.nixl = self._start_nixl() if config.transport == NIXL else None
@@ -493,8 +499,8 @@ class Sidecar:
                                                         "reason": str(exc)})
             else:
                 return await self.run_codec("decode", shared_reply, transfer.segment, offset,
-                                            chunk)
-        return await self.run_codec("decode", load_reply, chunk)
+                                            chunk, self.profile)
+        return await self.run_codec("decode", load_reply, chunk, self.profile)
 
     async def pull(self, transfer: Transfer, peer: str) -> None:
         """Fill ``transfer`` from the sidecar at ``peer``."""
@@ -558,7 +564,7 @@ class LocalService(pb_grpc.LocalServicer):
                     return pb.PutReply(wire_bytes=0)
             codec.check_level(level)
             payload = await s.run_codec("encode", codec.encode, raw, level,
-                                             request.num_layers)
+                                             request.num_layers, s.profile)
             if level != codec.RAW and len(payload) >= len(raw.keys) + len(raw.values):
                 # Too few tokens for the codec to pay (its exact first rows and tables):
                 # the chunk goes as it is; the decode side reads each chunk's own level.
@@ -826,6 +832,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              f"chunks (default ${shm.ENV_DIR} or {shm.DEFAULT_DIR}; 'off': none)")
     parser.add_argument("--shm-max-mb", type=float, default=d.shm_max_bytes / 2**20,
                         help="the most shared memory held at once (under the directory's limit)")
+    parser.add_argument("--profile", default=d.profile, metavar="FILE",
+                        help="codec profile of the model (kvpool profile) for lossy chunks; "
+                             "both sidecars of a pair need the same one")
     parser.add_argument("--ready-file", help="also write the ready line to this file")
     parser.add_argument("--log-level", default="info")
 
@@ -861,6 +870,11 @@ def run(args: argparse.Namespace) -> int:
         ttft_target_s=args.ttft_target_ms / 1e3, decode_reserve_s=args.decode_reserve_ms / 1e3,
         nixl_slots=args.nixl_slots, nixl_slot_bytes=int(args.nixl_slot_mb * 2**20),
         shm_dir=args.shm_dir, shm_max_bytes=int(args.shm_max_mb * 2**20),
+        profile=args.profile,
     )
-    asyncio.run(serve(config, args.ready_file))
+    try:
+        asyncio.run(serve(config, args.ready_file))
+    except codec.ChunkCodecError as exc:  # a profile that cannot be used
+        print(f"kvpool sidecar: {exc}", file=sys.stderr)
+        return 2
     return 0

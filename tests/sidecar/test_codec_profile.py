@@ -70,3 +70,12 @@ def test_a_missing_or_corrupt_profile_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a profile")
     with pytest.raises(codec.ChunkCodecError, match="cannot use profile"):
         codec.load_profile(str(bad))
+
+
+def test_a_sidecar_with_an_unusable_profile_exits_with_a_clear_error(tmp_path):
+    from kvpool.cli import main
+
+    sock = tmp_path / "s.sock"
+    code = main(["sidecar", "--local", f"unix://{sock}", "--metrics", "",
+                 "--profile", str(tmp_path / "missing.kvprofile")])
+    assert code == 2
