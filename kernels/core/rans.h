@@ -52,12 +52,13 @@ KVP_HD int32_t build_cum(const uint8_t* freqs_le, uint32_t n, uint32_t* cum) {
         cum[s + 1] = total;
     }
     KVP_CHECK(total == kProbTotal, kCorrupt);
+    // Bucket b (first slot b << kLutShift) lies in symbol s when cum[s] <= its first slot
+    // < cum[s + 1]: the buckets from ceil(cum[s] / bucket) up to ceil(cum[s + 1] / bucket).
     uint8_t* lut = (uint8_t*)(cum + n + 1);
-    uint32_t s = 0;
-    for (uint32_t b = 0; b < (1u << kLutBits); ++b) {
-        while (cum[s + 1] <= (b << kLutShift)) ++s;
-        lut[b] = (uint8_t)s;
-    }
+    constexpr uint32_t round_up = (1u << kLutShift) - 1;
+    for (uint32_t s = 0; s < n; ++s)
+        for (uint32_t b = (cum[s] + round_up) >> kLutShift; b < (cum[s + 1] + round_up) >> kLutShift; ++b)
+            lut[b] = (uint8_t)s;
     return kOk;
 }
 

@@ -64,7 +64,9 @@ constexpr uint32_t kCenterContext = 2;  // a stream's first row: as if the row a
 // 2 or more (keys move slowly from token to token in most channels).
 KVP_HD uint32_t context_of(uint32_t above, int32_t h) {
     int32_t d = (int32_t)above - h;
-    return d <= -2 ? 0u : d >= 2 ? 4u : (uint32_t)(d + 2);
+    d = d < -2 ? -2 : d;  // selects, not branches: the symbol above is noise to a predictor
+    d = d > 2 ? 2 : d;
+    return (uint32_t)(d + 2);
 }
 
 KVP_HD Table lossy_table(const LossyTables& tb, bool anchor, uint32_t c, int32_t h, uint32_t ctx) {
