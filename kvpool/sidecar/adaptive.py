@@ -9,12 +9,16 @@ The sender streams a prompt's KV chunk by chunk. Before encoding a chunk it asks
   (:class:`CodecModel`: compressed/raw ratio, encode and decode seconds per raw byte),
 - the time left before the KV must be in decode (:class:`TransferDeadline`, derived from
   the request's TTFT target), shared among the chunks still to send in proportion to
-  their raw size.
+  their raw size, and, where the transfer has a schedule, the instant the chunk is due,
+- the chunk still on the wire ahead of it (a pipelined stream encodes the next chunk
+  meanwhile), whose bytes and decoding it waits for.
 
-The answer is the best-quality option predicted to arrive in time, where ``raw`` (the
-uncompressed bytes) ranks with ``lossless`` (both are exact) and wins over it when the link
-is fast enough that encoding would cost more time than it saves. When even the lowest
-level cannot make it, the answer is ``recompute``: decode runs the prefill itself.
+The answer is the best-quality option predicted to arrive in time on a link a margin
+slower than measured, where ``raw`` (the uncompressed bytes) ranks with ``lossless`` (both
+are exact) and wins over it when the link is fast enough that encoding would cost more time
+than it saves. When nothing fits, the fastest level catches up as long as it can still make
+the deadline (plus a grace) for the whole rest; only when it cannot is the answer
+``recompute``: decode runs the prefill itself.
 Every decision is counted (``LevelPolicy.counts``, and through ``on_decision`` in the
 sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEBUG).
 """
@@ -22,6 +26,7 @@ sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEB
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -44,12 +49,20 @@ class ThroughputEstimator:
 
     Each sample is the bytes of one chunk and the seconds it spent on the wire (from
     handing it to the stream, or the previous acknowledgement, to its own). The estimate
-    is the harmonic mean of the last ``window`` samples' rates (as robustMPC does), or the
-    last sample's rate when that is lower: a drop is taken at once (in the harmonic mean
-    one 10x slower chunk among three only brings the estimate down 4x, and the chunk sent
-    on that estimate arrives late), a rise takes over within ``window`` chunks, and one
-    fast outlier barely lifts it (nor does one stalled chunk weigh on more than the next
-    choice and its share of the mean).
+    is the lowest of
+
+    - the harmonic mean of the last ``window`` samples' rates (as robustMPC does),
+    - the last sample's rate: a drop is taken at once (in the harmonic mean one 10x slower
+      chunk among three only brings the estimate down 4x, and the chunk sent on that
+      estimate arrives late),
+    - the bytes acknowledged over the wall time the last ``window`` samples span, gaps
+      between chunks included (when samples say ``at`` what instant they were acknowledged):
+      a shaped link (token bucket) refills its bucket while the sender encodes the next
+      chunk, and that chunk's first bytes then leave at once, so that one chunk's own rate
+      overstates what the link sustains; over the span the refill is counted at its rate.
+
+    A rise takes over within ``window`` chunks, and one fast outlier barely lifts it (nor
+    does one stalled chunk weigh on more than the next choice and its share of the mean).
     """
 
     def __init__(self, *, window: int = 3, initial_bps: float | None = None) -> None:
@@ -58,23 +71,46 @@ class ThroughputEstimator:
         if initial_bps is not None and initial_bps <= 0:
             raise ValueError(f"initial_bps must be positive, got {initial_bps}")
         self._rates: collections.deque[float] = collections.deque(maxlen=window)
+        self._spans: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=window)
         if initial_bps is not None:
             self._rates.append(initial_bps)
         self.samples = 0
 
-    def observe(self, nbytes: int, seconds: float) -> None:
-        """Record that ``nbytes`` took ``seconds`` on the wire."""
+    def observe(self, nbytes: int, seconds: float, *, at: float | None = None) -> None:
+        """Record that ``nbytes`` took ``seconds`` on the wire, acknowledged at instant ``at``
+        (any monotonic clock, the same for every sample; None: unknown)."""
         if nbytes <= 0 or seconds <= 0:
             return
         self._rates.append(nbytes / seconds)
+        if at is None:
+            self._spans.clear()
+        else:
+            self._spans.append((nbytes, at - seconds, at))
         self.samples += 1
+
+    def delivered_bps(self) -> float | None:
+        """Bytes acknowledged over the wall time the recent samples span (None with fewer
+        than two timed samples in a row)."""
+        if len(self._spans) < 2:
+            return None
+        span = self._spans[-1][2] - self._spans[0][1]
+        return sum(n for n, _, _ in self._spans) / span if span > 0 else None
+
+    @property
+    def mean_bps(self) -> float | None:
+        """The harmonic mean alone: steadier than :attr:`bps` (one stalled chunk does not set
+        it), for decisions that cannot be taken back."""
+        if not self._rates:
+            return None
+        return len(self._rates) / sum(1 / r for r in self._rates)
 
     @property
     def bps(self) -> float | None:
         """The estimate, or None before the first sample when no initial guess was given."""
         if not self._rates:
             return None
-        return min(len(self._rates) / sum(1 / r for r in self._rates), self._rates[-1])
+        delivered = self.delivered_bps()
+        return min(self.mean_bps, self._rates[-1], delivered if delivered else math.inf)
 
 
 @dataclass
@@ -171,17 +207,25 @@ class TransferDeadline:
 
     ``deadline`` is a ``time.monotonic()`` instant: the request's arrival plus its TTFT
     target, minus what decode needs after the KV is in (loading it and the first step).
-    Each chunk gets the time left in proportion to its share of the raw bytes left.
+    Each chunk gets the time left in proportion to its share of the raw bytes left
+    (:meth:`chunk_budget`: slack is spread over the chunks left rather than spent on one).
+    With ``start`` (when the transfer began) the chunks also have a schedule: each is due
+    when its share of the raw bytes, counted from the first chunk, has had its share of the
+    time (:meth:`due`), so that decode can load layer by layer.
     """
 
     deadline: float
     total_raw_bytes: int
     sent_raw_bytes: int = 0
+    start: float | None = None
+    grace_s: float = 0.0
+    """How late the whole KV may still be before a recompute (decode running the prefill
+    itself) is the better way: :meth:`rest` counts it in."""
 
     @classmethod
     def from_ttft(cls, arrival: float, ttft_target_s: float, total_raw_bytes: int,
                   decode_reserve_s: float = 0.0) -> TransferDeadline:
-        return cls(arrival + ttft_target_s - decode_reserve_s, total_raw_bytes)
+        return cls(arrival + ttft_target_s - decode_reserve_s, total_raw_bytes, start=arrival)
 
     def chunk_budget(self, raw_bytes: int, now: float | None = None) -> float:
         """Seconds this chunk may take (≤ 0 when the deadline has passed)."""
@@ -189,6 +233,26 @@ class TransferDeadline:
         left = self.deadline - now
         remaining = max(self.total_raw_bytes - self.sent_raw_bytes, raw_bytes)
         return left * raw_bytes / remaining if left > 0 else left
+
+    def due(self, raw_bytes: int) -> float:
+        """The instant by which the next chunk (of ``raw_bytes``) is due on the schedule;
+        the deadline itself without a ``start``."""
+        if self.start is None or self.total_raw_bytes <= 0:
+            return self.deadline
+        share = min(1.0, (self.sent_raw_bytes + raw_bytes) / self.total_raw_bytes)
+        return self.start + (self.deadline - self.start) * share
+
+    def rest(self, now: float | None = None) -> tuple[float, int]:
+        """Seconds to the deadline (plus the grace) and raw bytes not yet sent (the next
+        chunk's included)."""
+        now = time.monotonic() if now is None else now
+        return self.deadline + self.grace_s - now, max(self.total_raw_bytes - self.sent_raw_bytes, 0)
+
+    def shift(self, seconds: float) -> None:
+        """Move the whole schedule later (time the caller took out of the transfer's clock)."""
+        self.deadline += seconds
+        if self.start is not None:
+            self.start += seconds
 
     def sent(self, raw_bytes: int) -> None:
         self.sent_raw_bytes += raw_bytes
@@ -220,6 +284,12 @@ class LevelPolicy:
     """Used for the first chunk when nothing is known of the link yet."""
     overlap: bool = False
     """The stream is pipelined (encode, wire and decode of successive chunks overlap)."""
+    margin: float = 0.0
+    """Safety margin: predictions take the link as ``1 + margin`` times slower than measured
+    (a shaped link's bursts, a busy machine's jitter)."""
+    recompute_samples: int = 3
+    """Acknowledged chunks measured before a recompute may be decided (it cannot be taken
+    back; two stalled chunks on a busy machine are not a slow link)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called with every decision (the sidecar counts them in its metrics)."""
     name: str = "adaptive"
@@ -240,31 +310,101 @@ class LevelPolicy:
         """Candidates, best quality first (raw ranks with lossless)."""
         return ([RAW] if self.allow_raw else []) + list(self.levels)
 
-    def choose(self, raw_bytes: int, budget_s: float) -> Decision:
-        """The level for the next chunk of ``raw_bytes`` that must arrive within ``budget_s``."""
+    def choose(self, raw_bytes: int, budget_s: float, *, queued_bytes: int = 0,
+               queued_decode_s: float = 0.0, due_s: float | None = None,
+               rest: tuple[float, int] | None = None) -> Decision:
+        """The level for the next chunk of ``raw_bytes`` that may take ``budget_s``.
+
+        ``queued_bytes``: bytes sent before it and not yet acknowledged (the chunk waits for
+        them on the wire, on top of its budget); ``queued_decode_s``: the receiver's time to
+        decode them (it acknowledges the next chunk only after). ``due_s``: seconds until the chunk is due
+        on the transfer's schedule (its arrival must also be within them). ``rest``: seconds
+        to the request's deadline and the raw bytes still to send, this chunk's included.
+        When no level fits but the fastest one, kept up for the rest, still makes the
+        deadline, the chunk goes at that level (catching up); recompute only when even that
+        cannot (judged on the steadier mean throughput: one stalled chunk is not a link).
+        Predictions take the link as ``1 + margin`` times slower than estimated.
+        """
         bps = self.estimator.bps
         if bps is None:
             decision = Decision(self._chunk, self.start_level, budget_s, math.nan, None,
                                 "no throughput measured yet")
             return self._record(decision)
-        predicted = {lv: self.model.predict(lv, raw_bytes, bps, self._priors, overlap=self.overlap)
+        safe_bps = bps / (1 + self.margin)
+        wait = queued_bytes / safe_bps
+        predicted = {lv: max(self._arrival(lv, raw_bytes, safe_bps, wait), wait + queued_decode_s)
                      for lv in self.options()}
-        exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= budget_s]
+        limit = budget_s + wait if due_s is None else min(budget_s + wait, due_s)
+        exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= limit]
         if exact:
             level = min(exact, key=predicted.__getitem__)
             reason = ("encoding costs more than it saves" if level == RAW and "lossless" in predicted
                       else "exact form fits the budget")
             return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps, reason))
         for level in self.levels:
-            if predicted[level] <= budget_s:
+            if predicted[level] <= limit:
                 return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps,
                                              "best level that fits the budget"))
-        lowest = self.levels[-1]
+        # the form that arrives soonest: raw on a fast link; on a busy machine the lowest
+        # level's encoding may cost more than its fewer bytes save
+        fastest = min(predicted, key=predicted.__getitem__)
+        if rest is not None:
+            # recompute costs decode a whole prefill: only when the fastest level kept up for
+            # the rest would miss the deadline (and its grace) on the plain estimate
+            seconds_left, bytes_left = rest
+            mean = max(self.estimator.mean_bps or bps, bps)
+            steady = self.model.predict(fastest, max(bytes_left, raw_bytes), mean, self._priors,
+                                        overlap=self.overlap)
+            if queued_bytes / mean + steady <= seconds_left or (
+                    self.estimator.samples < self.recompute_samples):
+                return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest],
+                                             bps, f"behind schedule: {fastest} catches up"))
         if self.allow_recompute:
-            return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[lowest], bps,
-                                         f"even {lowest} misses the budget"))
-        return self._record(Decision(self._chunk, lowest, budget_s, predicted[lowest], bps,
+            return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[fastest], bps,
+                                         f"even {fastest} misses the budget"))
+        return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest], bps,
                                      "misses the budget; recompute not allowed"))
+
+    def decode_s(self, level: str, raw_bytes: int) -> float:
+        """Predicted seconds to decode a chunk of ``raw_bytes`` sent at ``level``."""
+        if level not in self.model.costs:
+            return 0.0
+        return raw_bytes * self.model.costs[level].decode_s_per_byte
+
+    def revise(self, previous: Decision, raw_bytes: int, budget_s: float, *,
+               drop: float = 3.0, **context) -> Decision | None:
+        """Choose again for the chunk of ``previous`` (made while the chunk before it was
+        on the wire, so as to encode meanwhile) when the acknowledgements since have
+        brought the estimate below ``1 / drop`` of what it was then (a link slowing down,
+        more than a busy machine's stall): a chunk chosen for a fast link and not sent yet
+        is not put on a link that has just slowed down. Returns
+        the new decision when its level differs and is not a recompute (it replaces
+        ``previous`` in the counts), else None. ``context``: as for :meth:`choose`."""
+        bps = self.estimator.bps
+        if previous.bps is None or bps is None or bps * drop > previous.bps:
+            return None
+        counts, chunk, last = dict(self.counts), self._chunk, self._last_level
+        self._chunk = previous.chunk
+        decision = self.choose(raw_bytes, budget_s, **context)
+        self._chunk = chunk
+        if decision.level in (previous.level, RECOMPUTE):  # a recompute waits for the next chunk
+            self.counts, self._last_level = counts, last
+            return None
+        self.counts[previous.level] -= 1
+        if not self.counts[previous.level]:
+            del self.counts[previous.level]
+        return dataclasses.replace(decision, reason=f"revised ({decision.reason})")
+
+    def _arrival(self, level: str, raw_bytes: int, bps: float, wait: float) -> float:
+        """Seconds until a chunk sent at ``level`` now is acknowledged, behind ``wait``
+        seconds of bytes already on the wire (which its encoding overlaps when pipelined)."""
+        if not self.overlap:
+            return wait + self.model.predict(level, raw_bytes, bps, self._priors)
+        if not wait:
+            return self.model.predict(level, raw_bytes, bps, self._priors, overlap=True)
+        wire = self.model.predict(RAW, self.model.expected_bytes(level, raw_bytes), bps, {})
+        encode = 0.0 if level == RAW else raw_bytes * self.model.costs[level].encode_s_per_byte
+        return max(wait, encode) + wire
 
     def _record(self, decision: Decision) -> Decision:
         self._chunk += 1

@@ -22,6 +22,7 @@ with the reason under ``skipped``. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing.shared_memory as shm
 import statistics
@@ -46,6 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--adaptive-tokens", type=int, default=1024)
     parser.add_argument("--skip-adaptive", action="store_true")
+    parser.add_argument("--only-adaptive", action="store_true",
+                        help="run only the changing-bandwidth part (adaptive vs fixed levels)")
+    parser.add_argument("--adaptive-repeats", type=int, default=1, metavar="N",
+                        help="runs of each policy (figures are medians; each run is listed)")
+    parser.add_argument("--policies", nargs="+", metavar="POLICY",
+                        help="policies of the adaptive part (default: adaptive, raw, every level)")
 
 
 # ---- nixl_vs_shm -------------------------------------------------------------------------
@@ -212,18 +219,26 @@ def transfer_matrix(tokens: int, skipped: dict) -> dict:
 # ---- adaptive ------------------------------------------------------------------------------
 
 
+@functools.cache
+def _harness(tokens: int, steps: int):
+    """The prompt and its quality harness (the reference generation), made once per run."""
+    from kvpool.kernels.quality import QualityHarness
+    from kvpool.sidecar import realkv
+
+    real = realkv.prompt(tokens)
+    return real, QualityHarness(real, greedy_tokens=steps, ppl_tokens=1)
+
+
 def greedy_match(tokens: int, levels: list[str], steps: int = 32) -> float:
     """Fraction of ``steps`` greedy tokens generated from the KV as delivered (each layer
     at its level; a recompute is exact) equal to those generated from the original KV
     (teacher-forced, as :class:`kvpool.kernels.quality.QualityHarness` measures it)."""
     from kvpool import kernels
-    from kvpool.kernels.quality import QualityHarness
-    from kvpool.sidecar import chunks, codec, linkstream, realkv
+    from kvpool.sidecar import chunks, codec, linkstream
 
     if "recompute" in levels:
         return 1.0
-    real = realkv.prompt(tokens)
-    harness = QualityHarness(real, greedy_tokens=steps, ppl_tokens=1)
+    real, harness = _harness(tokens, steps)
     raws = linkstream.layer_chunks(real.kv.keys, real.kv.values)
     ks, vs = [], []
     for raw, level in zip(raws, levels + ["raw"] * (len(raws) - len(levels))):
@@ -233,7 +248,8 @@ def greedy_match(tokens: int, levels: list[str], steps: int = 32) -> float:
     return harness.measure(kernels.KVCache(keys=ks, values=vs)).greedy_match
 
 
-def adaptive_runs(tokens: int, skipped: dict) -> dict | None:
+def adaptive_runs(tokens: int, skipped: dict, policies: list[str] | None = None,
+                  repeats: int = 1) -> dict | None:
     reason = netns.unavailable()
     if reason:
         skipped["adaptive"] = reason
@@ -243,7 +259,6 @@ def adaptive_runs(tokens: int, skipped: dict) -> dict | None:
     from kvpool.sidecar import adaptive, realkv
 
     drop_after = 6
-    out = {}
     # The deadline: raw at 1 Gbit/s for the chunks before the drop (x2), raw at 100 Mbit/s
     # for the two on their way when it drops, then the best level as this machine's codec
     # runs now (x1.3): feasible for a policy that switches in time, not for raw.
@@ -256,20 +271,39 @@ def adaptive_runs(tokens: int, skipped: dict) -> dict | None:
     best = min(model.predict(lv, chunk_bytes, 12.5e6, {}, overlap=True) for lv in LEVELS)
     deadline = (drop_after * chunk_bytes / 125e6 * 2 + 2 * chunk_bytes / 12.5e6
                 + (layers - drop_after - 2) * best * 1.3)
-    for policy in ("adaptive", "raw", *LEVELS):
-        console.print(f"[bold]adaptive[/] {policy} (deadline {deadline * 1e3:.0f} ms)")
-        try:
-            with netns.Link("1gbit", latency_ms=20) as link:
-                extra = ("--initial-mbps", "1000") if policy == "adaptive" else ()
-                done = grpc_stream(link, tokens, policy, deadline,
-                                   drop=(drop_after, "100mbit"), extra=extra)
-        except RuntimeError as exc:
-            skipped[f"adaptive/{policy}"] = str(exc)
-            out[policy] = None
-            continue
-        out[policy] = {"on_time": done["on_time"], "deadline_ms": deadline * 1e3, "met_deadline": done["met_deadline"],
-                       "finished_ms": done["finished_s"] * 1e3, "levels": done["levels"],
-                       "greedy_match": greedy_match(tokens, done["levels"])}
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(repeats):  # policies in turn, so that the machine's load hits each
+        for policy in policies or ("adaptive", "raw", *LEVELS):
+            console.print(f"[bold]adaptive[/] {policy} run {repeat + 1}/{repeats} "
+                          f"(deadline {deadline * 1e3:.0f} ms)")
+            try:
+                with netns.Link("1gbit", latency_ms=20) as link:
+                    extra = ("--initial-mbps", "1000") if policy == "adaptive" else ()
+                    done = grpc_stream(link, tokens, policy, deadline,
+                                       drop=(drop_after, "100mbit"), extra=extra)
+            except RuntimeError as exc:
+                skipped[f"adaptive/{policy}"] = str(exc)
+                runs.setdefault(policy, [])
+                continue
+            runs.setdefault(policy, []).append({
+                "on_time": done["on_time"], "met_deadline": done["met_deadline"],
+                "finished_ms": done["finished_s"] * 1e3, "levels": done["levels"],
+                "greedy_match": greedy_match(tokens, done["levels"])})
+    return {policy: _summary(got, deadline) for policy, got in runs.items()}
+
+
+def _summary(runs: list[dict], deadline: float) -> dict | None:
+    """Medians over the runs of one policy (the figures), with every run's own."""
+    if not runs:
+        return None
+    out = {"on_time": statistics.median(r["on_time"] for r in runs),
+           "greedy_match": statistics.median(r["greedy_match"] for r in runs),
+           "deadline_ms": deadline * 1e3,
+           "finished_ms": statistics.median(r["finished_ms"] for r in runs),
+           "met_deadline": sum(r["met_deadline"] for r in runs) / len(runs)}
+    if len(runs) > 1:
+        out["runs"] = [{k: r[k] for k in ("on_time", "greedy_match", "finished_ms")} for r in runs]
+    out["levels"] = [r["levels"] for r in runs] if len(runs) > 1 else runs[0]["levels"]
     return out
 
 
@@ -277,11 +311,17 @@ def run(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     result: dict = {"tokens": args.tokens,
                     "note": "measured on a shared 2-core machine under load from other work"}
+    if args.only_adaptive:
+        result["adaptive"] = adaptive_runs(args.adaptive_tokens, skipped, args.policies,
+                                           args.adaptive_repeats)
+        result["skipped"] = skipped
+        print(json.dumps(result))
+        return 0
     console.print("[bold]nixl_vs_shm[/]")
     result.update(nixl_vs_shm(args.shm_mib * MiB, args.repeats))
     result["transfer"] = transfer_matrix(args.tokens, skipped)
-    result["adaptive"] = None if args.skip_adaptive else adaptive_runs(args.adaptive_tokens,
-                                                                       skipped)
+    result["adaptive"] = None if args.skip_adaptive else adaptive_runs(
+        args.adaptive_tokens, skipped, args.policies, args.adaptive_repeats)
     result["skipped"] = skipped
     print(json.dumps(result))
     return 0
