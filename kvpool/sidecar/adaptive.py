@@ -13,8 +13,8 @@ The sender streams a prompt's KV chunk by chunk. Before encoding a chunk it asks
 - the chunk still on the wire ahead of it (a pipelined stream encodes the next chunk
   meanwhile), whose bytes and decoding it waits for.
 
-The answer is the best-quality option predicted to arrive in time on a link a margin
-slower than measured, where ``raw`` (the uncompressed bytes) ranks with ``lossless`` (both
+The answer is the best-quality option predicted to arrive in time on a link, and a
+codec, a margin slower than measured, where ``raw`` (the uncompressed bytes) ranks with ``lossless`` (both
 are exact) and wins over it when the link is fast enough that encoding would cost more time
 than it saves. When nothing fits, the fastest level catches up as long as it can still make
 the deadline (plus a grace) for the whole rest; only when it cannot is the answer
@@ -120,9 +120,18 @@ class LevelCost:
     ratio: float
     """Encoded bytes per raw byte."""
     encode_s_per_byte: float
+    """Wall time: what a chunk's encoding takes on this machine as busy as it is."""
     decode_s_per_byte: float
     measured: int = 0
     """How many chunks the figures come from (0: a prior)."""
+    encode_cpu_s_per_byte: float | None = None
+    """CPU time of the encoding: the codec's own speed, whatever else the machine runs
+    (None: not measured apart, taken as the wall time)."""
+
+    @property
+    def encode_cpu(self) -> float:
+        return self.encode_s_per_byte if self.encode_cpu_s_per_byte is None \
+            else self.encode_cpu_s_per_byte
 
 
 @dataclass
@@ -131,8 +140,9 @@ class CodecModel:
 
     Starts from priors (``calibrate`` measures them on a real sample; otherwise given by
     the caller). A level never used keeps its prior scaled by how far the measured levels
-    strayed from theirs: when real KV compresses 20% worse than the sample did, every
-    level's estimate follows.
+    strayed from theirs, in ratio and in encoding speed: when real KV compresses 20% worse
+    than the sample did, or a busy machine encodes at half the speed it calibrated at,
+    every level's estimate follows (the speed of the machine now is measured, not assumed).
     """
 
     costs: dict[str, LevelCost]
@@ -140,57 +150,84 @@ class CodecModel:
 
     @classmethod
     def calibrate(cls, encode, decode, sample, levels: Sequence[str] = CODEC_LEVELS,
-                  *, repeats: int = 2) -> CodecModel:
-        """Measure every level on ``sample`` with the real codec (best of ``repeats``).
+                  *, repeats: int = 2, statistic: Callable[[list[float]], float] = min,
+                  ) -> CodecModel:
+        """Measure every level on ``sample`` with the real codec: the best of ``repeats``
+        (what the codec can do), or another ``statistic`` of them (``statistics.median``:
+        what a busy machine lets it do now).
 
         ``encode(sample, level) -> bytes``; ``decode(bytes)``; ``sample`` is a ``KVCache``.
         """
         raw = raw_size(sample)
         costs = {}
         for level in levels:
-            enc = dec = math.inf
+            enc, cpu, dec = [], [], []
             for _ in range(max(1, repeats)):
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 data = encode(sample, level)
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.thread_time()
                 decode(data)
                 t2 = time.perf_counter()
-                enc, dec = min(enc, t1 - t0), min(dec, t2 - t1)
-            costs[level] = LevelCost(len(data) / raw, enc / raw, dec / raw)
+                enc.append(t1 - t0)
+                cpu.append(c1 - c0)
+                dec.append(t2 - t1)
+            costs[level] = LevelCost(len(data) / raw, statistic(enc) / raw, statistic(dec) / raw,
+                                     encode_cpu_s_per_byte=statistic(cpu) / raw)
         return cls(costs)
 
     def observe(self, level: str, raw_bytes: int, encoded_bytes: int,
-                encode_s: float, decode_s: float | None = None) -> None:
-        """Fold one encoded chunk's figures into the level's running means."""
+                encode_s: float, decode_s: float | None = None, *,
+                encode_cpu_s: float | None = None) -> None:
+        """Fold one encoded chunk's figures into the level's running means (``encode_s``
+        wall time, ``encode_cpu_s`` the encoding thread's CPU time)."""
         if raw_bytes <= 0 or level not in self.costs:
             return
         cost = self.costs[level]
         a = self.alpha if cost.measured else 1.0
         cost.ratio += a * (encoded_bytes / raw_bytes - cost.ratio)
+        if encode_cpu_s is not None:
+            cost.encode_cpu_s_per_byte = cost.encode_cpu + a * (encode_cpu_s / raw_bytes
+                                                                - cost.encode_cpu)
         cost.encode_s_per_byte += a * (encode_s / raw_bytes - cost.encode_s_per_byte)
         if decode_s is not None:
             cost.decode_s_per_byte += a * (decode_s / raw_bytes - cost.decode_s_per_byte)
         cost.measured += 1
 
-    def _drift(self, priors: dict[str, LevelCost]) -> float:
-        factors = [c.ratio / priors[lv].ratio for lv, c in self.costs.items()
-                   if c.measured and lv in priors and priors[lv].ratio > 0]
+    def _drift(self, priors: dict[str, LevelCost], figure: Callable[[LevelCost], float]) -> float:
+        """Geometric mean, over the levels measured, of their ``figure`` against its prior
+        (1.0 when none is measured)."""
+        factors = [figure(c) / figure(priors[lv]) for lv, c in self.costs.items()
+                   if c.measured and lv in priors and figure(priors[lv]) > 0 and figure(c) > 0]
         return math.exp(sum(map(math.log, factors)) / len(factors)) if factors else 1.0
 
+    def stages(self, level: str, priors: dict[str, LevelCost], *,
+               own_speed: bool = False) -> tuple[float, float, float]:
+        """Encode seconds, encoded bytes and decode seconds per raw byte of ``level``: as
+        measured when it was used, else its prior scaled by the drift of the measured ones
+        (decode, measured on the receiver, keeps its prior). Encoding in wall time (this
+        machine as busy as it is), or with ``own_speed`` in CPU time (the codec's own)."""
+        if level == RAW:
+            return 0.0, 1.0, 0.0
+        cost = self.costs[level]
+        encode = (lambda c: c.encode_cpu) if own_speed else (lambda c: c.encode_s_per_byte)
+        if cost.measured:
+            return encode(cost), cost.ratio, cost.decode_s_per_byte
+        return (encode(cost) * self._drift(priors, encode),
+                cost.ratio * self._drift(priors, lambda c: c.ratio), cost.decode_s_per_byte)
+
     def predict(self, level: str, raw_bytes: int, bps: float, priors: dict[str, LevelCost],
-                *, overlap: bool = False) -> float:
+                *, overlap: bool = False, cpu: float = 1.0, own_speed: bool = False) -> float:
         """Seconds a chunk costs: encode, wire and decode one after the other, or with
         ``overlap`` (a pipelined stream: chunk i+1 encodes while chunk i is on the wire and
-        chunk i-1 decodes) the slowest of the three."""
-        if level == RAW:
-            return raw_bytes / bps
-        cost = self.costs[level]
-        ratio = cost.ratio if cost.measured else cost.ratio * self._drift(priors)
-        stages = (cost.encode_s_per_byte, ratio / bps, cost.decode_s_per_byte)
+        chunk i-1 decodes) the slowest of the three; ``cpu`` scales encode and decode;
+        ``own_speed``: see :meth:`stages`."""
+        encode, ratio, decode = self.stages(level, priors, own_speed=own_speed)
+        stages = (encode * cpu, ratio / bps, decode * cpu)
         return raw_bytes * (max(stages) if overlap else sum(stages))
 
-    def expected_bytes(self, level: str, raw_bytes: int) -> int:
-        return raw_bytes if level == RAW else int(raw_bytes * self.costs[level].ratio)
+    def expected_bytes(self, level: str, raw_bytes: int,
+                       priors: dict[str, LevelCost] | None = None) -> int:
+        return int(raw_bytes * self.stages(level, priors or {})[1])
 
 
 def raw_size(kv) -> int:
@@ -285,8 +322,9 @@ class LevelPolicy:
     overlap: bool = False
     """The stream is pipelined (encode, wire and decode of successive chunks overlap)."""
     margin: float = 0.0
-    """Safety margin: predictions take the link as ``1 + margin`` times slower than measured
-    (a shaped link's bursts, a busy machine's jitter)."""
+    """Safety margin: predictions take the link, and the encoding and decoding, as
+    ``1 + margin`` times slower than measured (a shaped link's bursts, a busy machine's
+    jitter: a chunk planned to the brim of its slot lands after it on the first stall)."""
     recompute_samples: int = 3
     """Acknowledged chunks measured before a recompute may be decided (it cannot be taken
     back; two stalled chunks on a busy machine are not a slow link)."""
@@ -300,8 +338,7 @@ class LevelPolicy:
             raise ValueError(f"no cost figures for levels {unknown}")
         if self.start_level not in self.levels:
             raise ValueError(f"start_level {self.start_level!r} is not one of {self.levels}")
-        self._priors = {lv: LevelCost(c.ratio, c.encode_s_per_byte, c.decode_s_per_byte)
-                        for lv, c in self.model.costs.items()}
+        self._priors = {lv: dataclasses.replace(c) for lv, c in self.model.costs.items()}
         self.counts: dict[str, int] = {}
         self._last_level: str | None = None
         self._chunk = 0
@@ -312,7 +349,7 @@ class LevelPolicy:
 
     def choose(self, raw_bytes: int, budget_s: float, *, queued_bytes: int = 0,
                queued_decode_s: float = 0.0, due_s: float | None = None,
-               rest: tuple[float, int] | None = None) -> Decision:
+               rest: tuple[float, int] | None = None, recompute: bool = True) -> Decision:
         """The level for the next chunk of ``raw_bytes`` that may take ``budget_s``.
 
         ``queued_bytes``: bytes sent before it and not yet acknowledged (the chunk waits for
@@ -322,8 +359,10 @@ class LevelPolicy:
         to the request's deadline and the raw bytes still to send, this chunk's included.
         When no level fits but the fastest one, kept up for the rest, still makes the
         deadline, the chunk goes at that level (catching up); recompute only when even that
-        cannot (judged on the steadier mean throughput: one stalled chunk is not a link).
-        Predictions take the link as ``1 + margin`` times slower than estimated.
+        cannot (judged on the steadier mean throughput and the codec's own speed, its CPU
+        time: one stalled chunk is not a link, nor a busy machine a slow codec).
+        Predictions take the link and the codec as ``1 + margin`` times slower than estimated.
+        ``recompute=False``: the fastest form rather than a recompute (a chunk already due).
         """
         bps = self.estimator.bps
         if bps is None:
@@ -349,17 +388,19 @@ class LevelPolicy:
         # level's encoding may cost more than its fewer bytes save
         fastest = min(predicted, key=predicted.__getitem__)
         if rest is not None:
-            # recompute costs decode a whole prefill: only when the fastest level kept up for
-            # the rest would miss the deadline (and its grace) on the plain estimate
+            # recompute costs decode a whole prefill and cannot be taken back: only when the
+            # form fastest at the codec's own speed, kept up for the rest, would miss the
+            # deadline (and its grace) on the plain estimate of the link
             seconds_left, bytes_left = rest
             mean = max(self.estimator.mean_bps or bps, bps)
-            steady = self.model.predict(fastest, max(bytes_left, raw_bytes), mean, self._priors,
-                                        overlap=self.overlap)
+            steady = min(self.model.predict(lv, max(bytes_left, raw_bytes), mean, self._priors,
+                                            overlap=self.overlap, own_speed=True)
+                         for lv in self.options())
             if queued_bytes / mean + steady <= seconds_left or (
                     self.estimator.samples < self.recompute_samples):
                 return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest],
                                              bps, f"behind schedule: {fastest} catches up"))
-        if self.allow_recompute:
+        if self.allow_recompute and recompute:
             return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[fastest], bps,
                                          f"even {fastest} misses the budget"))
         return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest], bps,
@@ -369,7 +410,7 @@ class LevelPolicy:
         """Predicted seconds to decode a chunk of ``raw_bytes`` sent at ``level``."""
         if level not in self.model.costs:
             return 0.0
-        return raw_bytes * self.model.costs[level].decode_s_per_byte
+        return raw_bytes * self.model.stages(level, self._priors)[2]
 
     def revise(self, previous: Decision, raw_bytes: int, budget_s: float, *,
                drop: float = 3.0, **context) -> Decision | None:
@@ -377,17 +418,18 @@ class LevelPolicy:
         on the wire, so as to encode meanwhile) when the acknowledgements since have
         brought the estimate below ``1 / drop`` of what it was then (a link slowing down,
         more than a busy machine's stall): a chunk chosen for a fast link and not sent yet
-        is not put on a link that has just slowed down. Returns
-        the new decision when its level differs and is not a recompute (it replaces
-        ``previous`` in the counts), else None. ``context``: as for :meth:`choose`."""
+        is not put on a link that has just slowed down. Returns the new decision when its
+        level differs (it replaces ``previous`` in the counts), else None; never a
+        recompute (the chunk goes at the fastest form: a recompute waits for the next
+        choice, on more than one slow sample). ``context``: as for :meth:`choose`."""
         bps = self.estimator.bps
         if previous.bps is None or bps is None or bps * drop > previous.bps:
             return None
         counts, chunk, last = dict(self.counts), self._chunk, self._last_level
         self._chunk = previous.chunk
-        decision = self.choose(raw_bytes, budget_s, **context)
+        decision = self.choose(raw_bytes, budget_s, recompute=False, **context)
         self._chunk = chunk
-        if decision.level in (previous.level, RECOMPUTE):  # a recompute waits for the next chunk
+        if decision.level == previous.level:
             self.counts, self._last_level = counts, last
             return None
         self.counts[previous.level] -= 1
@@ -398,13 +440,13 @@ class LevelPolicy:
     def _arrival(self, level: str, raw_bytes: int, bps: float, wait: float) -> float:
         """Seconds until a chunk sent at ``level`` now is acknowledged, behind ``wait``
         seconds of bytes already on the wire (which its encoding overlaps when pipelined)."""
+        cpu = 1 + self.margin
         if not self.overlap:
-            return wait + self.model.predict(level, raw_bytes, bps, self._priors)
+            return wait + self.model.predict(level, raw_bytes, bps, self._priors, cpu=cpu)
         if not wait:
-            return self.model.predict(level, raw_bytes, bps, self._priors, overlap=True)
-        wire = self.model.predict(RAW, self.model.expected_bytes(level, raw_bytes), bps, {})
-        encode = 0.0 if level == RAW else raw_bytes * self.model.costs[level].encode_s_per_byte
-        return max(wait, encode) + wire
+            return self.model.predict(level, raw_bytes, bps, self._priors, overlap=True, cpu=cpu)
+        encode, ratio, _ = self.model.stages(level, self._priors)
+        return max(wait, raw_bytes * encode * cpu) + raw_bytes * ratio / bps
 
     def _record(self, decision: Decision) -> Decision:
         self._chunk += 1

@@ -80,6 +80,9 @@ class ChunkReport:
     """Seconds from the transfer's start to the chunk's acknowledgement."""
     due_s: float
     """Seconds from the transfer's start by which the chunk should have arrived."""
+    encode_cpu_s: float = 0.0
+    """CPU seconds the encoding took (``encode_s`` is wall time: on a busy machine the
+    difference is the time other work took the core)."""
 
     @property
     def on_time(self) -> bool:
@@ -139,7 +142,8 @@ def _budget(policy: adaptive.LevelPolicy, deadline: adaptive.TransferDeadline, r
 
 
 def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolicy | str,
-         deadline_s: float, *, on_chunk=None, hold=None, timeout: float = 120.0) -> StreamReport:
+         deadline_s: float, *, on_chunk=None, hold=None, timeout: float = 120.0,
+         reserve: float = 0.05) -> StreamReport:
     """Stream ``raw_chunks`` to a ``serve`` end at ``target`` within ``deadline_s``.
 
     ``policy`` is a :class:`~kvpool.sidecar.adaptive.LevelPolicy` (per-chunk choice, fed
@@ -147,7 +151,8 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
     stream: decode would run the prefill itself. ``on_chunk(report)`` is called per chunk.
     ``hold(report)`` is called after each acknowledgement, before the next chunk goes out;
     the time it takes is left out of the transfer's clock (a caller that changes the link
-    there knows which chunks crossed the old link and which the new one).
+    there knows which chunks crossed the old link and which the new one). The policy's
+    schedule ends ``reserve`` of ``deadline_s`` early; the report's due times do not.
     """
     name = policy if isinstance(policy, str) else policy.name
     report = StreamReport(name, deadline_s, total_chunks=len(raw_chunks))
@@ -173,9 +178,11 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
             response_deserializer=pb.PushReply.FromString)(requests(), timeout=timeout)
         acks.initial_metadata()  # nor is opening the stream (else the first sample is slow)
         start = time.monotonic()
-        # a recompute only pays once the KV would be later than a fifth of the deadline
-        deadline = adaptive.TransferDeadline(start + deadline_s, total, start=start,
-                                             grace_s=0.2 * deadline_s)
+        # the policy plans to finish ``reserve`` of the time early (a stall of a busy machine
+        # at the last chunk does not make the whole KV late); a recompute only pays once the
+        # KV would be later than a fifth of the deadline
+        deadline = adaptive.TransferDeadline(start + deadline_s * (1 - reserve), total,
+                                             start=start, grace_s=(0.2 + reserve) * deadline_s)
         sent_raw = 0
         pending: tuple | None = None  # the chunk on the wire: (report, handoff time)
         last_ack = 0.0
@@ -221,9 +228,9 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
                 report.chunks.append(ChunkReport(i, level, raw_bytes, 0, 0.0, 0.0,
                                                  time.monotonic() - start, due))
                 break
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             payload = codec.encode(raw, level, num_layers)  # overlaps the previous chunk's wire time
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             if pending is not None:
                 settle()
                 if decision is not None:  # the acknowledgement may show the link slowed down
@@ -231,19 +238,20 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
                                             **_budget(policy, deadline, raw_bytes))
                     if revised is not None:
                         level = revised.level
-                        t0 = time.perf_counter()
+                        c0, t0 = time.thread_time(), time.perf_counter()
                         payload = codec.encode(raw, level, num_layers)
-                        t1 = time.perf_counter()
+                        t1, c1 = time.perf_counter(), time.thread_time()
             if not isinstance(policy, str) and level != adaptive.RAW:
-                policy.model.observe(level, raw_bytes, len(payload), t1 - t0)
+                policy.model.observe(level, raw_bytes, len(payload), t1 - t0,
+                                     encode_cpu_s=c1 - c0)
             with ready:
                 outbox.append(pb.WireChunk(key=raw.key, level=level, payload=payload,
                                            crc32c=google_crc32c.value(payload),
                                            raw_bytes=raw_bytes))
                 ready.notify_all()
             deadline.sent(raw_bytes)
-            pending = (ChunkReport(i, level, raw_bytes, len(payload), t1 - t0, 0.0, 0.0, due),
-                       time.perf_counter())
+            pending = (ChunkReport(i, level, raw_bytes, len(payload), t1 - t0, 0.0, 0.0, due,
+                                   c1 - c0), time.perf_counter())
         if pending is not None:
             settle()
         with ready:

@@ -142,10 +142,24 @@ def test_measured_chunks_correct_the_estimates(codec_model):
     model = copy.deepcopy(codec_model)
     priors = copy.deepcopy(codec_model.costs)
     before = model.predict("low", CHUNK, 100 * MBIT, priors)
-    model.observe("default", CHUNK, int(CHUNK * priors["default"].ratio * 1.5), encode_s=0.05)
+    same_speed = CHUNK * priors["default"].encode_s_per_byte
+    model.observe("default", CHUNK, int(CHUNK * priors["default"].ratio * 1.5), same_speed)
     assert model.costs["default"].ratio == pytest.approx(priors["default"].ratio * 1.5)
     assert model.predict("low", CHUNK, 100 * MBIT, priors) > before, \
         "an unmeasured level follows the drift of the measured ones"
+
+
+def test_a_busy_machine_slows_every_level_s_encoding(codec_model):
+    # the encoding measured at twice the calibrated time: a level not used yet is expected
+    # at twice its calibrated time too, not at the speed of a quiet machine
+    model = copy.deepcopy(codec_model)
+    priors = copy.deepcopy(codec_model.costs)
+    model.observe("default", CHUNK, int(CHUNK * priors["default"].ratio),
+                  2 * CHUNK * priors["default"].encode_s_per_byte)
+    encode, ratio, decode = model.stages("low", priors)
+    assert encode == pytest.approx(2 * priors["low"].encode_s_per_byte)
+    assert ratio == pytest.approx(priors["low"].ratio)
+    assert decode == priors["low"].decode_s_per_byte, "decoding runs on the receiver"
 
 
 def test_deadline_shares_time_by_raw_bytes():
