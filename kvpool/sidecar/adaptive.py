@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,15 @@ class ThroughputEstimator:
         if not self._rates:
             return None
         return len(self._rates) / sum(1 / r for r in self._rates)
+
+    @property
+    def median_bps(self) -> float | None:
+        """The median of the last ``window`` samples' rates: one stalled chunk (a process
+        starved of CPU for a while) does not move it at all, a lasting drop does within
+        half the window; for decisions that cannot be taken back."""
+        if not self._rates:
+            return None
+        return statistics.median(self._rates)
 
     @property
     def bps(self) -> float | None:
@@ -359,7 +369,7 @@ class LevelPolicy:
         to the request's deadline and the raw bytes still to send, this chunk's included.
         When no level fits but the fastest one, kept up for the rest, still makes the
         deadline, the chunk goes at that level (catching up); recompute only when even that
-        cannot (judged on the steadier mean throughput and the codec's own speed, its CPU
+        cannot (judged on the steadier median throughput and the codec's own speed, its CPU
         time: one stalled chunk is not a link, nor a busy machine a slow codec).
         Predictions take the link and the codec as ``1 + margin`` times slower than estimated.
         ``recompute=False``: the fastest form rather than a recompute (a chunk already due).
@@ -390,13 +400,13 @@ class LevelPolicy:
         if rest is not None:
             # recompute costs decode a whole prefill and cannot be taken back: only when the
             # form fastest at the codec's own speed, kept up for the rest, would miss the
-            # deadline (and its grace) on the plain estimate of the link
+            # deadline (and its grace) at the median of the recent rates (a stall is not a link)
             seconds_left, bytes_left = rest
-            mean = max(self.estimator.mean_bps or bps, bps)
-            steady = min(self.model.predict(lv, max(bytes_left, raw_bytes), mean, self._priors,
+            steady_bps = max(self.estimator.median_bps or bps, bps)
+            steady = min(self.model.predict(lv, max(bytes_left, raw_bytes), steady_bps, self._priors,
                                             overlap=self.overlap, own_speed=True)
                          for lv in self.options())
-            if queued_bytes / mean + steady <= seconds_left or (
+            if queued_bytes / steady_bps + steady <= seconds_left or (
                     self.estimator.samples < self.recompute_samples):
                 return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest],
                                              bps, f"behind schedule: {fastest} catches up"))

@@ -235,3 +235,20 @@ def test_a_chunk_chosen_for_a_fast_link_is_revised_when_the_link_slows_down(code
     revised = policy.revise(first, CHUNK, budget_s=raw_s * 0.5)
     assert revised is not None and revised.level in LEVELS[1:] and revised.chunk == first.chunk
     assert policy.counts == {revised.level: 1}, "the revision replaces the first choice"
+
+
+def test_one_stalled_chunk_is_no_reason_to_recompute(codec_model):
+    # three chunks at the link's rate, then one acknowledged 20x late (a starved process):
+    # the next chunk catches up at the fastest form; two late of the last three are a link
+    slow = _slow_link(codec_model)
+    policy = LevelPolicy(copy.deepcopy(codec_model), ThroughputEstimator(), overlap=True,
+                         margin=0.2)
+    for _ in range(3):
+        policy.estimator.observe(CHUNK, CHUNK / slow)
+    policy.estimator.observe(CHUNK, 20 * CHUNK / slow)
+    assert policy.estimator.median_bps == pytest.approx(slow)
+    steady = min(codec_model.predict(lv, CHUNK, slow, {}, overlap=True) for lv in LEVELS)
+    rest = (10 * steady * 1.5, 10 * CHUNK)
+    assert policy.choose(CHUNK, budget_s=-0.01, rest=rest).level != RECOMPUTE
+    policy.estimator.observe(CHUNK, 20 * CHUNK / slow)
+    assert policy.choose(CHUNK, budget_s=-0.01, rest=rest).level == RECOMPUTE
