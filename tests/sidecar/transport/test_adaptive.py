@@ -252,3 +252,17 @@ def test_one_stalled_chunk_is_no_reason_to_recompute(codec_model):
     assert policy.choose(CHUNK, budget_s=-0.01, rest=rest).level != RECOMPUTE
     policy.estimator.observe(CHUNK, 20 * CHUNK / slow)
     assert policy.choose(CHUNK, budget_s=-0.01, rest=rest).level == RECOMPUTE
+
+
+def test_a_revision_never_recomputes_a_chunk_already_chosen(codec_model):
+    # chosen for a fast link, which then turned out hopeless: the chunk goes at the fastest
+    # form (a recompute, if any, is the next choice's, on more than one slow sample)
+    slow = _slow_link(codec_model)
+    policy = LevelPolicy(copy.deepcopy(codec_model), ThroughputEstimator(initial_bps=100 * slow),
+                         overlap=True)
+    first = policy.choose(CHUNK, budget_s=CHUNK / slow)
+    for _ in range(3):
+        policy.estimator.observe(CHUNK, 100 * CHUNK / slow)
+    revised = policy.revise(first, CHUNK, budget_s=0.001, rest=(0.001, 10 * CHUNK))
+    assert revised is not None and revised.level not in (RECOMPUTE, first.level)
+    assert policy.choose(CHUNK, budget_s=0.001, rest=(0.001, 9 * CHUNK)).level == RECOMPUTE

@@ -64,13 +64,9 @@ def _mean_rank(levels: list[str]) -> float:
     return sum(map(_rank, levels)) / len(levels)
 
 
-# A run on a machine so busy that the codec cannot beat raw at 100 Mbit/s skips; one where
-# a stall of the other work misleads the policy is repeated (no more than twice).
-@pytest.mark.flaky(reruns=2)
-def test_levels_follow_the_link_when_its_rate_drops(link):
-    # The deadline: raw at 1 Gbit/s fits easily, raw after the drop cannot, the codec can
-    # (from this machine's codec speed measured now, so a busy CPU moves the budget along).
-    keys, values = realkv.prompt_kv(TOKENS)
+def _deadline(keys, values) -> float:
+    """Raw at 1 Gbit/s fits easily, raw after the drop cannot, the codec can (from this
+    machine's codec speed measured now, so a busy CPU moves the budget along)."""
     chunk, layers = keys[0].nbytes + values[0].nbytes, len(keys)
     slow = 100e6 / 8
     model = _codec_now(keys, values)
@@ -80,8 +76,18 @@ def test_levels_follow_the_link_when_its_rate_drops(link):
                     "too slow to beat raw at 100 Mbit/s")
     # before the drop: raw at 1 Gbit/s (x3); the chunks on the wire when it drops: raw at
     # 100 Mbit/s; after: the fastest level (x1.6 margins: a busy machine jitters).
-    deadline = (DROP_AFTER * chunk / (1e9 / 8) * 3 + 2 * chunk / slow
-                + (layers - DROP_AFTER - 2) * best * 1.6)
+    return (_before_drop_s(chunk) + 2 * chunk / slow + (layers - DROP_AFTER - 2) * best * 1.6)
+
+
+def _before_drop_s(chunk: int) -> float:
+    """The deadline's allowance for the chunks before the drop: raw at 1 Gbit/s, x3."""
+    return DROP_AFTER * chunk / (1e9 / 8) * 3
+
+
+def _stream(link: netns.Link, deadline: float, layers: int) -> dict:
+    """One transfer at 1 Gbit/s dropping to 100 Mbit/s after DROP_AFTER chunks; the sender's
+    ``done`` report."""
+    link.set_rate("1gbit")
     receiver = _spawn(link, "b", "serve", "--host", link.address("b"))
     sender = None
     try:
@@ -104,13 +110,45 @@ def test_levels_follow_the_link_when_its_rate_drops(link):
             else:
                 done = msg
         assert sender.wait(30) == 0
+        return done
     finally:
         for proc in (sender, receiver):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def _starved(done: dict, chunk: int) -> float | None:
+    """Seconds the chunks before the drop took when that is more than the deadline allows
+    them (pro rata when the stream ended before the drop), else None. At 1 Gbit/s raw crosses
+    in a third of that allowance: a stream this slow there is one whose processes got no
+    CPU (the 2 cores shared with other work), and the deadline, set before it started,
+    says nothing of the policy any more."""
+    before = done["chunks"][:DROP_AFTER]
+    took = before[-1]["arrived_s"] if before else 0.0
+    return took if took > _before_drop_s(chunk) * len(before) / DROP_AFTER else None
+
+
+ATTEMPTS = 3
+
+
+def test_levels_follow_the_link_when_its_rate_drops(link):
+    keys, values = realkv.prompt_kv(TOKENS)
+    chunk, layers = keys[0].nbytes + values[0].nbytes, len(keys)
+    starved = []
+    for _ in range(ATTEMPTS):  # a fresh deadline each time, from the codec's speed then
+        deadline = _deadline(keys, values)
+        done = _stream(link, deadline, layers)
+        took = _starved(done, chunk)
+        if took is None:
+            break
+        starved.append(f"{took * 1e3:.0f} ms of {_before_drop_s(chunk) * 1e3:.0f}")
+    else:
+        pytest.skip(f"this machine starved the stream before the drop in every attempt: "
+                    f"{', '.join(starved)} ms allowed for the chunks before it")
     levels = done["levels"]
-    print(f"deadline {deadline:.3f} s, finished {done['finished_s']:.3f} s, levels {levels}")
+    print(f"deadline {deadline:.3f} s, finished {done['finished_s']:.3f} s, levels {levels}, "
+          f"starved attempts before: {starved}")
     # What the issue asks: the request meets its deadline (no recompute: the codec can make
     # it), and the chunks switch to lower levels once the link has dropped. The estimator
     # drops with the first slow acknowledgement; the chunk sent then was chosen before the
