@@ -13,11 +13,12 @@ The sender streams a prompt's KV chunk by chunk. Before encoding a chunk it asks
 - the chunk still on the wire ahead of it (a pipelined stream encodes the next chunk
   meanwhile), whose bytes and decoding it waits for.
 
-The answer is the best-quality option predicted to arrive in time on a link, and a
-codec, a margin slower than measured, where ``raw`` (the uncompressed bytes) ranks with ``lossless`` (both
-are exact) and wins over it when the link is fast enough that encoding would cost more time
-than it saves. When nothing fits, the fastest level catches up as long as it can still make
-the deadline (plus a grace) for the whole rest; only when it cannot is the answer
+The answer is the best-quality option predicted to arrive in time on a link, and a codec,
+a margin slower than measured, where ``raw`` (the uncompressed bytes) ranks with
+``lossless`` (both are exact) and wins over it when the link is fast enough that encoding
+would cost more time than it saves. When nothing fits, the fastest level catches up as
+long as it can still make the deadline (plus a grace) for the whole rest; only when it
+cannot, at the link's median rate and the codec's own speed (its CPU time), is the answer
 ``recompute``: decode runs the prefill itself.
 Every decision is counted (``LevelPolicy.counts``, and through ``on_decision`` in the
 sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEBUG).
@@ -234,10 +235,6 @@ class CodecModel:
         encode, ratio, decode = self.stages(level, priors, own_speed=own_speed)
         stages = (encode * cpu, ratio / bps, decode * cpu)
         return raw_bytes * (max(stages) if overlap else sum(stages))
-
-    def expected_bytes(self, level: str, raw_bytes: int,
-                       priors: dict[str, LevelCost] | None = None) -> int:
-        return int(raw_bytes * self.stages(level, priors or {})[1])
 
 
 def raw_size(kv) -> int:
