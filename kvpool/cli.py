@@ -37,6 +37,8 @@ BENCHMARKS: tuple[Command, ...] = (
     Command("transfer", "kvpool.sidecar.bench_transfer", "KV transport throughput and adaptivity"),
     Command("e2e", "kvpool.sidecar.bench_e2e", "TTFT and exposed KV time, single engine vs P/D"),
     Command("stream", "kvpool.sidecar.bench_stream", "the sidecars' gRPC KV stream vs plain TCP"),
+    Command("local", "kvpool.sidecar.bench_local",
+            "the connector's Put and load with its sidecar: bytes vs shared memory"),
     Command("operator", "kvpool.operator.bench", "operator reconcile latency and memory"),
 )
 

@@ -79,6 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--start-timeout", type=float, default=600.0,
                         help="seconds the processes may take to become ready")  # fmt: skip
+    launch.add_profile_option(parser)
 
 
 def _default_level() -> str:
@@ -148,8 +149,9 @@ def _serve(
     started: float,
     console: Console,
 ) -> tuple[list[Outcome], float]:
-    p_side = launcher.start_sidecar("prefill-sidecar", level=level)
-    d_side = launcher.start_sidecar("decode-sidecar", level=level)
+    profile = launch.codec_profile(args.profile, console) if level not in ("raw", "lossless") else None
+    p_side = launcher.start_sidecar("prefill-sidecar", level=level, profile=profile)
+    d_side = launcher.start_sidecar("decode-sidecar", level=level, profile=profile)
     prefill = launcher.start_engine(
         "prefill-vllm", model,
         kv_transfer_config=vllm_args.kv_transfer_config(p_side.addresses["local"]),

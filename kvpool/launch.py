@@ -21,6 +21,7 @@ Used by ``kvpool demo``, ``kvpool bench e2e`` and the tests::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -39,7 +40,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 HOST = "127.0.0.1"
 """Every server started here binds to loopback only."""
@@ -62,6 +66,29 @@ CPU_BLOCK_SIZE = 32
 
 class LaunchError(RuntimeError):
     """A process exited before it was ready, or did not become ready in time."""
+
+
+def add_profile_option(parser: argparse.ArgumentParser) -> None:
+    """``--profile`` of the tools that start sidecars (see :func:`codec_profile`)."""
+    parser.add_argument(
+        "--profile", default="auto", metavar="auto|none|FILE",
+        help="codec profile both sidecars code lossy chunks with (auto: the model's, from "
+             "the user cache, built once)")
+
+
+def codec_profile(choice: str, console: Console | None = None) -> Path | None:
+    """What ``--profile`` names: ``auto`` (the embedded model's profile from the user
+    cache, built there once), ``none``, or a file."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return Path(choice)
+    from kvpool.kernels import profile_cli  # torch and the codec: only when asked for
+
+    if console is None:
+        return profile_cli.cached()
+    with console.status("codec profile of the model (built once, about 40 s)"):
+        return profile_cli.cached()
 
 
 def free_port(host: str = HOST) -> int:
@@ -312,6 +339,7 @@ class Launcher:
         level: str = "raw",
         socket: Path | None = None,
         peer_host: str = HOST,
+        profile: Path | None = None,
         extra_args: Sequence[str] = (),
         wrap: Sequence[str] = (),
     ) -> Process:
@@ -319,13 +347,15 @@ class Launcher:
         health service there), Peer API on ``peer_host`` and metrics on loopback, both on
         free ports. ``wrap`` (``ip netns exec NS``) runs it inside a network namespace, where
         its metrics are reachable only from that namespace. ``socket``: the Local API's
-        path (default: :meth:`socket_path` of ``name``), to restart a sidecar in place."""
+        path (default: :meth:`socket_path` of ``name``), to restart a sidecar in place.
+        ``profile``: the model's codec profile file (both sidecars of a pair need it)."""
         sock = socket or self.socket_path(name)
         sock.unlink(missing_ok=True)
         peer = f"{peer_host}:{free_port() if not wrap else _NETNS_PEER_PORT}"
         metrics = f"{HOST}:{free_port()}"
         args = ["sidecar", "--local", f"unix://{sock}", "--peer", peer, "--metrics", metrics,
-                "--level", level, *extra_args]  # fmt: skip
+                "--level", level, *(["--profile", str(profile)] if profile else []),
+                *extra_args]  # fmt: skip
         process = self.start_kvpool(name, args, ready=GrpcReady(f"unix://{sock}"), wrap=wrap)
         process.addresses.update(local=f"unix://{sock}", peer=peer, metrics=metrics)
         return process

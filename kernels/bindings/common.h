@@ -52,7 +52,7 @@ inline Header make_header(uint8_t dtype, bool lossless, const std::string& level
                           uint16_t block_tokens, uint16_t group_channels, uint16_t anchor_group,
                           uint16_t table_group, uint8_t exact_rows,
                           const std::vector<LayerTuple>& layers,
-                          const std::optional<nb::bytes>& profile_hash) {
+                          const std::optional<nb::bytes>& profile_hash, bool contexts) {
     Header h;
     h.mode = lossless ? kModeLossless : kModeQuantized;
     h.dtype = dtype;
@@ -68,6 +68,7 @@ inline Header make_header(uint8_t dtype, bool lossless, const std::string& level
         h.flags |= kFlagProfile;
         memcpy(h.profile_hash, profile_hash->c_str(), 16);
     }
+    if (contexts) h.flags |= kFlagContexts;
     for (const LayerTuple& t : layers) {
         LayerInfo l;
         std::tie(l.tokens, l.width, l.bins[0], l.bins[1], l.anchor_bins[0], l.anchor_bins[1]) = t;

@@ -29,10 +29,10 @@ nb::bytes encode(const std::vector<Plane>& planes, bool lossless, const std::str
                  uint16_t table_group, uint8_t exact_rows,
                  const std::vector<LayerTuple>& layers,
                  const std::optional<nb::bytes>& profile_hash,
-                 const std::optional<std::vector<ProfileTuple>>& profile, int threads) {
+                 const std::optional<std::vector<ProfileTuple>>& profile, bool contexts, int threads) {
     uint8_t dtype = common_dtype(planes, layers);
     Header h = make_header(dtype, lossless, level, block_tokens, group_channels, anchor_group,
-                           table_group, exact_rows, layers, profile_hash);
+                           table_group, exact_rows, layers, profile_hash, contexts);
     if (profile_hash.has_value() != profile.has_value())
         throw Error(kBadInput, "profile hash and tables go together");
     std::vector<const void*> inputs;
@@ -113,7 +113,7 @@ NB_MODULE(_codec, m) {
           nb::arg("block_tokens"), nb::arg("group_channels"), nb::arg("anchor_group"),
           nb::arg("table_group"), nb::arg("exact_rows"), nb::arg("layers"),
           nb::arg("profile_hash").none(),
-          nb::arg("profile").none(), nb::arg("threads"),
+          nb::arg("profile").none(), nb::arg("contexts"), nb::arg("threads"),
           "Encode planes (layer-major, keys first) into a frame with a zero checksum.");
     m.def("parse", &parse, nb::arg("data"), "Parse and validate a frame header.");
     m.def("decode", &decode, nb::arg("data"), nb::arg("outputs"), nb::arg("profile").none(),

@@ -19,7 +19,7 @@ nb::bytes encode(const std::vector<CudaPlane>& planes, bool lossless, const std:
                  uint16_t table_group, uint8_t exact_rows,
                  const std::vector<LayerTuple>& layers,
                  const std::optional<nb::bytes>& profile_hash,
-                 const std::optional<std::vector<ProfileTuple>>& profile) {
+                 const std::optional<std::vector<ProfileTuple>>& profile, bool contexts) {
     require_device();
     if (planes.size() != 2 * layers.size()) throw Error(kBadInput, "two planes per layer");
     uint8_t dtype = planes.empty() ? (uint8_t)kF16 : dtype_of(planes[0].dtype());
@@ -32,7 +32,7 @@ nb::bytes encode(const std::vector<CudaPlane>& planes, bool lossless, const std:
         inputs.push_back(planes[p].data());
     }
     Header h = make_header(dtype, lossless, level, block_tokens, group_channels, anchor_group,
-                           table_group, exact_rows, layers, profile_hash);
+                           table_group, exact_rows, layers, profile_hash, contexts);
     if (profile_hash.has_value() != profile.has_value())
         throw Error(kBadInput, "profile hash and tables go together");
     ProfileData prof = profile ? profile_data(*profile) : ProfileData{};
@@ -72,7 +72,7 @@ NB_MODULE(_codec_cuda, m) {
           nb::arg("block_tokens"), nb::arg("group_channels"), nb::arg("anchor_group"),
           nb::arg("table_group"), nb::arg("exact_rows"), nb::arg("layers"),
           nb::arg("profile_hash").none(),
-          nb::arg("profile").none(),
+          nb::arg("profile").none(), nb::arg("contexts"),
           "Encode device planes into a frame with a zero checksum (same bytes as the CPU).");
     m.def("decode", &decode, nb::arg("data"), nb::arg("outputs"), nb::arg("profile").none(),
           "Decode a host frame (checksum verified) into device outputs.");

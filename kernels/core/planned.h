@@ -12,6 +12,7 @@ namespace kvp {
 struct FrameParams {
     uint8_t lossless, dtype;
     uint32_t block_tokens, group_channels, anchor_group, table_group;
+    uint32_t contexts;  // tables per channel of the anchor role: 1 or kContexts
 };
 
 // One plane (a layer's keys or values). Offsets index the plan's float and cum arrays.
@@ -59,6 +60,7 @@ KVP_HD LossyTables lossy_tables(const FrameParams& f, const PlaneDesc& p, const 
     t.anchor_cum = cum + p.anchor_cum;
     t.delta_cum = cum + p.delta_cum;
     t.table_group = f.table_group;
+    t.contexts = f.contexts;
     return t;
 }
 

@@ -77,11 +77,16 @@ KVP_HD int32_t row_scale(const QuantInput& in, uint32_t t, float* out) {
     return kOk;
 }
 
+// The symbol of element (t, c) of an anchor row; its row scale must be set.
+KVP_HD uint32_t anchor_symbol(const QuantInput& in, uint32_t t, uint32_t c) {
+    return (uint32_t)(quantize(normalized(in, t, c), in.scale[t], in.ha) + in.ha);
+}
+
 // The symbol of element (t, c); row scales of t and of its anchor must be set.
 KVP_HD uint32_t lossy_symbol(const QuantInput& in, uint32_t t, uint32_t c) {
     if (in.sym) return in.sym[(uint64_t)t * in.width + c];
+    if (is_anchor(t, in.anchor_group)) return anchor_symbol(in, t, c);
     float y = normalized(in, t, c);
-    if (is_anchor(t, in.anchor_group)) return (uint32_t)(quantize(y, in.scale[t], in.ha) + in.ha);
     float ya = anchor_value(in, t - t % in.anchor_group, c);
     return (uint32_t)(quantize(y - ya, in.scale[t], in.hd) + in.hd);
 }

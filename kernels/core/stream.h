@@ -48,17 +48,31 @@ KVP_HD uint64_t stream_symbols(const StreamGeom& g, uint32_t s, uint32_t per_ele
 }
 
 // Probability tables of a lossy plane, in cumulative form. Channel c uses table
-// c / table_group of its role (anchor rows or other rows).
+// c / table_group of its role (anchor rows or other rows); with contexts, that table is one
+// of kContexts, chosen by the symbol the channel had in the row above (context_of).
 struct LossyTables {
-    const uint32_t* anchor_cum;  // [n_tables, ha*2+2]
-    const uint32_t* delta_cum;   // [n_tables, hd*2+2] (unused when G == 1)
+    const uint32_t* anchor_cum;  // [n_tables * contexts] tables of table_words(2*ha+1)
+    const uint32_t* delta_cum;   // [n_tables] tables of table_words(2*hd+1) (unused when G == 1)
     uint32_t table_group;
+    uint32_t contexts;           // 1, or kContexts (only with G == 1)
 };
 
-KVP_HD Table lossy_table(const LossyTables& tb, bool anchor, uint32_t c, int32_t h) {
+constexpr uint32_t kContexts = 5;
+constexpr uint32_t kCenterContext = 2;  // a stream's first row: as if the row above were 0
+
+// Context of a symbol from the symbol above it: its quantized value -2 or less, -1, 0, 1,
+// 2 or more (keys move slowly from token to token in most channels).
+KVP_HD uint32_t context_of(uint32_t above, int32_t h) {
+    int32_t d = (int32_t)above - h;
+    return d <= -2 ? 0u : d >= 2 ? 4u : (uint32_t)(d + 2);
+}
+
+KVP_HD Table lossy_table(const LossyTables& tb, bool anchor, uint32_t c, int32_t h, uint32_t ctx) {
     uint32_t n = (uint32_t)(2 * h + 1);
+    uint32_t group = tb.table_group == 1 ? c : c / tb.table_group;  // no division per symbol
+    uint64_t index = anchor ? (uint64_t)group * tb.contexts + ctx : group;
     Table t;
-    t.cum = (anchor ? tb.anchor_cum : tb.delta_cum) + (uint64_t)(c / tb.table_group) * table_words(n);
+    t.cum = (anchor ? tb.anchor_cum : tb.delta_cum) + index * table_words(n);
     t.n = n;
     return t;
 }
@@ -66,23 +80,36 @@ KVP_HD Table lossy_table(const LossyTables& tb, bool anchor, uint32_t c, int32_t
 // ---- lossy ------------------------------------------------------------------------------
 
 // Encode stream s into buf[0, cap) (cap >= rans_bound of its symbols); the stream occupies
-// buf[*begin, cap).
+// buf[*begin, cap). Rows go last to first; each row's symbols are computed once, as the row
+// above the one being coded (its contexts), then coded themselves.
 KVP_HD void encode_lossy_stream(const QuantInput& in, const LossyTables& tb, const StreamGeom& g,
                                 uint32_t s, uint8_t* buf, uint64_t cap, uint64_t* begin) {
     StreamBox b = stream_box(g, s);
     uint32_t cw = b.c1 - b.c0;
+    uint8_t rows[2][kMaxGroupChannels];
+    uint8_t* cur = rows[0];    // symbols of row t
+    uint8_t* above = rows[1];  // symbols of row t - 1
     RansEncoder e;
     rans_enc_init(e, buf, cap);
     uint64_t i = (uint64_t)(b.t1 - b.t0) * cw;
+    if (b.t1 > b.t0)
+        for (uint32_t c = b.c0; c < b.c1; ++c) cur[c - b.c0] = (uint8_t)lossy_symbol(in, b.t1 - 1, c);
     for (uint32_t t = b.t1; t-- > b.t0;) {
         bool anchor = is_anchor(t, in.anchor_group);
         int32_t h = anchor ? in.ha : in.hd;
+        if (t > b.t0)
+            for (uint32_t c = b.c0; c < b.c1; ++c) above[c - b.c0] = (uint8_t)lossy_symbol(in, t - 1, c);
         for (uint32_t c = b.c1; c-- > b.c0;) {
             --i;
-            Table tab = lossy_table(tb, anchor, c, h);
-            uint32_t sym = lossy_symbol(in, t, c);
+            uint32_t ctx = tb.contexts == 1 ? 0u
+                         : t > b.t0 ? context_of(above[c - b.c0], h) : kCenterContext;
+            Table tab = lossy_table(tb, anchor, c, h, ctx);
+            uint32_t sym = cur[c - b.c0];
             rans_put(e, (uint32_t)(i % kRansStates), tab.cum[sym], tab.cum[sym + 1] - tab.cum[sym]);
         }
+        uint8_t* done = cur;
+        cur = above;
+        above = done;
     }
     *begin = (uint64_t)(rans_enc_flush(e) - buf);
 }
@@ -102,6 +129,7 @@ KVP_HD int32_t decode_lossy_stream(const DequantPlane& p, const LossyTables& tb,
     StreamBox b = stream_box(g, s);
     KVP_CHECK(b.c1 - b.c0 <= kMaxGroupChannels, kCorrupt);
     float ya[kMaxGroupChannels];
+    uint8_t above[kMaxGroupChannels];  // the row above's symbols (contexts)
     RansDecoder d;
     KVP_TRY(rans_dec_init(d, data, size));
     uint64_t i = 0;
@@ -110,9 +138,12 @@ KVP_HD int32_t decode_lossy_stream(const DequantPlane& p, const LossyTables& tb,
         int32_t h = anchor ? p.ha : p.hd;
         float st = p.scale[t];
         for (uint32_t c = b.c0; c < b.c1; ++c, ++i) {
-            Table tab = lossy_table(tb, anchor, c, h);
+            uint32_t ctx = tb.contexts == 1 ? 0u
+                         : t > b.t0 ? context_of(above[c - b.c0], h) : kCenterContext;
+            Table tab = lossy_table(tb, anchor, c, h, ctx);
             uint32_t sym;
             KVP_TRY(rans_get(d, (uint32_t)(i % kRansStates), tab, &sym));
+            above[c - b.c0] = (uint8_t)sym;
             float v = (float)((int32_t)sym - h) * st;
             if (anchor) ya[c - b.c0] = v;
             else v = ya[c - b.c0] + v;

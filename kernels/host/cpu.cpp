@@ -2,6 +2,7 @@
 #include "cpu.h"
 
 #include <cstring>
+#include <memory>
 
 #include "parallel.h"
 
@@ -79,7 +80,8 @@ std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const vo
         }
     }
 
-    std::vector<uint8_t> scratch(scratch_bytes(plan));
+    // Not zeroed: each stream fills the end of its worst-case room, the rest stays untouched.
+    std::unique_ptr<uint8_t[]> scratch(new uint8_t[scratch_bytes(plan)]);
     for (uint32_t p = 0; p < planes; ++p) {
         uint64_t n = stream_count(h.geom(p));
         parts[p].stream_size.resize(n);
@@ -87,7 +89,7 @@ std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const vo
     }
     parallel_for(plan.streams.size(), threads, "streams", [&](uint64_t i) -> int32_t {
         const StreamRef& s = plan.streams[i];
-        uint8_t* buf = scratch.data() + s.offset;
+        uint8_t* buf = scratch.get() + s.offset;
         uint64_t begin = 0;
         encode_stream_at(f, plan.planes[s.plane], s.index, floats, plan.cum.data(), buf, s.size,
                          &begin);

@@ -36,7 +36,7 @@ static bool odd_bins(uint8_t b) { return b >= 3 && (b & 1); }
 int32_t validate(const Header& h) {
     KVP_CHECK(h.mode == kModeLossless || h.mode == kModeQuantized, kCorrupt);
     KVP_CHECK(dtype_size(h.dtype) != 0, kCorrupt);
-    KVP_CHECK((h.flags & ~kFlagProfile) == 0, kCorrupt);
+    KVP_CHECK((h.flags & ~(kFlagProfile | kFlagContexts)) == 0, kCorrupt);
     KVP_CHECK(h.level.size() <= kMaxLevelName, kCorrupt);
     for (char ch : h.level) KVP_CHECK(ch >= 0x21 && ch <= 0x7E, kCorrupt);
     KVP_CHECK(h.layers.size() <= 0xFFFF, kCorrupt);
@@ -50,6 +50,8 @@ int32_t validate(const Header& h) {
     } else if (h.has_profile()) {
         KVP_CHECK(h.table_group == 1, kCorrupt);
     }
+    // Context tables come from a profile only (a chunk would carry five times the tables).
+    if (h.flags & kFlagContexts) KVP_CHECK(h.has_profile() && h.anchor_group == 1, kCorrupt);
     bool zero_hash = true;
     for (int i = 0; i < 16; ++i) zero_hash &= h.profile_hash[i] == 0;
     KVP_CHECK(zero_hash != h.has_profile(), kCorrupt);

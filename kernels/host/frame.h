@@ -18,6 +18,7 @@ constexpr uint8_t kVersion = 1;
 constexpr uint8_t kModeLossless = 0;
 constexpr uint8_t kModeQuantized = 1;
 constexpr uint8_t kFlagProfile = 1;
+constexpr uint8_t kFlagContexts = 2;
 constexpr uint32_t kFixedHeader = 36;
 constexpr uint32_t kMaxLevelName = 32;
 constexpr uint32_t kLayerEntry = 12;
@@ -53,6 +54,8 @@ struct Header {
 
     bool lossless() const { return mode == kModeLossless; }
     bool has_profile() const { return flags & kFlagProfile; }
+    // Tables per channel (anchor role): kContexts when the row above chooses the table.
+    uint32_t contexts() const { return (flags & kFlagContexts) ? kContexts : 1; }
     uint32_t planes() const { return (uint32_t)layers.size() * 2; }
     const LayerInfo& layer_of(uint32_t p) const { return layers[p / 2]; }
     // Rows of plane p stored verbatim, and rows quantized and coded in streams.

@@ -13,6 +13,7 @@ FrameParams frame_params(const Header& h) {
     f.group_channels = h.group_channels;
     f.anchor_group = h.anchor_group;
     f.table_group = h.table_group;
+    f.contexts = h.contexts();
     return f;
 }
 
@@ -39,7 +40,7 @@ static Plan layout(const Header& h) {
             d.scale = nf + 2ull * l.width;
             nf += 2ull * l.width + d.tokens;
             d.anchor_cum = nc;
-            nc += h.n_tables(p) * table_words(2 * d.ha + 1);
+            nc += (uint64_t)h.n_tables(p) * h.contexts() * table_words(2 * d.ha + 1);
             d.delta_cum = nc;
             if (h.anchor_group > 1) nc += h.n_tables(p) * table_words(2 * d.hd + 1);
         }
@@ -62,7 +63,7 @@ static int32_t tables_from(Plan& plan, uint32_t p, const uint8_t* le) {
     }
     uint32_t n_tables = h.n_tables(p);
     uint32_t na = 2 * d.ha + 1, nd = 2 * d.hd + 1;
-    for (uint32_t i = 0; i < n_tables; ++i, le += 2 * na)
+    for (uint64_t i = 0; i < (uint64_t)n_tables * h.contexts(); ++i, le += 2 * na)
         KVP_TRY(build_cum(le, na, &plan.cum[d.anchor_cum + i * table_words(na)]));
     if (h.anchor_group > 1)
         for (uint32_t i = 0; i < n_tables; ++i, le += 2 * nd)
@@ -98,7 +99,7 @@ static int32_t profile_into(Plan& plan, const ProfileData& profile) {
         const PlaneDesc& d = plan.planes[p];
         uint64_t na = 2 * d.ha + 1, nd = 2 * d.hd + 1;
         KVP_CHECK(pp.width == d.width && pp.mu && pp.sigma, kProfileMismatch);
-        KVP_CHECK(pp.anchor_freqs && pp.anchor_len == na * d.width, kProfileMismatch);
+        KVP_CHECK(pp.anchor_freqs && pp.anchor_len == na * d.width * h.contexts(), kProfileMismatch);
         KVP_CHECK(h.anchor_group == 1 || (pp.delta_freqs && pp.delta_len == nd * d.width),
                   kProfileMismatch);
         std::vector<uint8_t> le(2 * (pp.anchor_len + (h.anchor_group > 1 ? pp.delta_len : 0)));
@@ -215,13 +216,14 @@ std::vector<uint16_t> chunk_tables(const Plan& plan, uint32_t p, std::vector<uin
     if (symbols) symbols->resize((uint64_t)d.tokens * d.width);
     std::vector<uint64_t> table_of(d.width);  // first count of channel c's table, per role
     for (uint32_t c = 0; c < d.width; ++c) table_of[c] = c / h.table_group;
+    QuantInput in = quant_input(plan.params, d, plan.floats.data());
     for (uint32_t t = 0; t < d.tokens; ++t) {
         bool a = is_anchor(t, h.anchor_group);
         uint64_t* counts = a ? anchor.data() : delta.data();
         uint32_t n = a ? na : nd;
         uint8_t* row = symbols ? symbols->data() + (uint64_t)t * d.width : nullptr;
         for (uint32_t c = 0; c < d.width; ++c) {
-            uint32_t sym = symbol_at(plan.params, d, plan.floats.data(), t, c);
+            uint32_t sym = a ? anchor_symbol(in, t, c) : lossy_symbol(in, t, c);
             counts[table_of[c] * n + sym]++;
             if (row) row[c] = (uint8_t)sym;
         }

@@ -52,10 +52,18 @@ class ChunkInfo:
     profile_hash: str | None
     exact_rows: int
     """Leading rows of every layer stored verbatim (the sequence's first tokens)."""
+    contexts: bool
+    """Whether the symbol above chooses each symbol's table (a profile's context tables)."""
     raw_bytes: int
     """Size of the decoded keys and values in the chunk's dtype."""
     encoded_bytes: int
     """Size of the whole frame, checksum included."""
+
+
+FLAG_PROFILE = 1
+"""Header flag: the chunk's statistics and tables come from a profile."""
+FLAG_CONTEXTS = 2
+"""Header flag: the symbol above chooses each symbol's table (context tables of a profile)."""
 
 
 def default_threads() -> int:
@@ -145,8 +153,9 @@ def encode(
     ``position`` is the sequence position of the chunk's first token: the rows of the
     sequence's first ``sink_tokens`` tokens (the level's) are stored exact.
 
-    Releases the GIL. With a profile (lossy levels), the frame names the profile's hash and
-    carries no tables or channel statistics; without one it carries its own. ``lossless``
+    Releases the GIL. With a profile (lossy levels), the frame names the profile's hash (for
+    some of the model's layers, the hash of that slice of it) and carries no tables or
+    channel statistics; without one it carries its own. ``lossless``
     codes the raw values (bit-exact round trip) and never uses a profile. CUDA tensors are
     encoded on their GPU; the frame is byte-identical to the CPU's.
     """
@@ -159,13 +168,17 @@ def encode(
     if not (0 <= first and first + n <= count):
         raise CodecError(f"depth={depth}: {n} layers from layer {first} do not fit in {count}")
     use_profile = profile is not None and not lv.lossless
-    steps = profile.steps() if use_profile else []
-    if len(steps) != 2 * count or n != count:  # bins follow a profile made for this model
+    if use_profile and 2 * count != len(profile.widths):
+        raise CodecError(f"profile {profile.hash} is for {len(profile.widths) // 2} layers, "
+                         f"the model has {count}")
+    steps = profile.steps(lv) if use_profile else []
+    if len(steps) != 2 * count:  # bins follow the model's sensitivity
         steps = [0] * (2 * count)
     layers = [(int(planes[2 * i].shape[0]), int(planes[2 * i].shape[1]),
                *lv.layer_bins(first + i, count, (steps[2 * (first + i)], steps[2 * (first + i) + 1])))
               for i in range(n)]
-    tables = profile.tables_for(lv.anchor_group, layers) if use_profile else None
+    contexts = use_profile and lv.anchor_group == 1 and profile.has_contexts(layers, first)
+    tables = profile.tables_for(lv.anchor_group, layers, contexts, first) if use_profile else None
     group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)
     args = {
         "lossless": lv.lossless,
@@ -176,8 +189,9 @@ def encode(
         "table_group": group,
         "exact_rows": max(0, lv.sink_tokens - position),
         "layers": layers,
-        "profile_hash": profile.hash_bytes if use_profile else None,
+        "profile_hash": bytes.fromhex(profile.slice_hash(first, n)) if use_profile else None,
         "profile": tables,
+        "contexts": contexts,
     }
     if _on_cuda(planes):
         frame = _cuda().encode(planes, **args)
@@ -219,6 +233,7 @@ def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
         bins=[tuple(b) for *_, b0, b1, b2, b3 in h["layers"] for b in [(b0, b1, b2, b3)]],
         profile_hash=None if h["profile_hash"] == zero else h["profile_hash"].hex(),
         exact_rows=h["exact_rows"],
+        contexts=bool(h["flags"] & FLAG_CONTEXTS),
         raw_bytes=_raw_bytes(h),
         encoded_bytes=h["frame_size"],
     )
@@ -246,8 +261,13 @@ def decode(
     device: str = "cpu",
     threads: int | None = None,
     max_raw_bytes: int | None = None,
+    out: list[Any] | None = None,
 ) -> KVCache:
     """The inverse of :func:`encode`: torch tensors on ``device`` in the chunk's dtype.
+
+    ``out``: tensors to decode into instead of new ones (keys then values of each layer,
+    i.e. ``[k0, v0, k1, v1, ...]``, each contiguous ``[tokens, width]`` in the frame's
+    dtype, e.g. views of a shared-memory segment); CodecError when they do not fit.
 
     Any truncated, corrupt or hostile input raises CodecError (never a crash, never
     silently wrong data). A chunk naming a profile needs that profile (else CodecError).
@@ -265,26 +285,43 @@ def decode(
         raise CodecError(f"the frame decodes to {raw_bytes} bytes, more than the "
                          f"{max_raw_bytes} allowed")
     tables = None
-    if h["flags"] & 1:
+    if h["flags"] & FLAG_PROFILE:
         want = h["profile_hash"].hex()
         if profile is None:
             raise CodecError(f"the chunk needs profile {want}; none given")
-        if profile.hash != want:
+        first = profile.locate(want, len(h["layers"]))
+        if first is None:
             raise CodecError(f"the chunk needs profile {want}, not {profile.hash}")
-        tables = profile.tables_for(h["anchor_group"], h["layers"])
+        tables = profile.tables_for(h["anchor_group"], h["layers"],
+                                    bool(h["flags"] & FLAG_CONTEXTS), first)
     dtype = getattr(torch, DTYPES[h["dtype"]])
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise CodecError(f"cannot decode onto device {device!r}")
     gpu = _cuda() if dev.type == "cuda" else None
-    outs = []
-    for t, w, *_ in h["layers"]:
-        outs += [torch.empty((t, w), dtype=dtype, device=dev) for _ in range(2)]
+    if out is not None:
+        outs = _outputs(out, h["layers"], dtype, dev)
+    else:
+        outs = [torch.empty((t, w), dtype=dtype, device=dev)
+                for t, w, *_ in h["layers"] for _ in range(2)]
     if gpu is not None:
         gpu.decode(view, outs, tables)
     else:
         _codec.decode(view, outs, tables, threads or default_threads())
     return KVCache(keys=outs[0::2], values=outs[1::2])
+
+
+def _outputs(out: list[Any], layers: list, dtype: Any, dev: Any) -> list[Any]:
+    """``out`` checked against a frame's planes (one per key and value plane of each layer)."""
+    shapes = [(t, w) for t, w, *_ in layers for _ in range(2)]
+    if len(out) != len(shapes):
+        raise CodecError(f"the frame has {len(shapes)} planes, {len(out)} outputs given")
+    for o, shape in zip(out, shapes):
+        if (tuple(o.shape) != shape or o.dtype != dtype or o.device != dev
+                or not o.is_contiguous()):
+            raise CodecError(f"output {tuple(o.shape)} {o.dtype} on {o.device} does not fit "
+                             f"a plane {shape} {dtype} on {dev} (contiguous)")
+    return list(out)
 
 
 def raw_nbytes(kv: KVCache) -> int:

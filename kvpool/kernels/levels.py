@@ -29,8 +29,11 @@ overhead (8 bytes of state, 4 of size) near 1 % and give a GPU thousands of stre
 
 
 BIN_LADDER: tuple[int, ...] = (3, 5, 7, 9, 11, 15, 21, 31, 43, 63, 91, 127, 181, 255)
-"""Bins a profile may move a plane to: one step finer or coarser than its level's bins,
-for the planes where the model is most or least sensitive to errors."""
+"""Bins a profile may move a plane to, finer where the model is sensitive to errors and
+coarser where it is not; one step is about half a bit per value."""
+
+REACH = 3
+"""How many ladder steps a profile may move a plane's bins either way."""
 
 
 def shifted(bins: int, steps: int) -> int:
@@ -84,13 +87,13 @@ class Level:
                 shifted(_pick(self.value_delta_bins, depth), vs), *anchor)
 
     def all_bins(self, neighbours: bool = True) -> set[tuple[str, int]]:
-        """Every (role, bins) this level can use, with ``neighbours`` one ladder step either
-        way included: role "a" for anchor rows (every row when ``anchor_group == 1``), "d"
-        for the others."""
+        """Every (role, bins) this level can use, with ``neighbours`` up to :data:`REACH`
+        ladder steps either way included: role "a" for anchor rows (every row when
+        ``anchor_group == 1``), "d" for the others."""
         out = {("a", b) for s in (self.key_bins, self.value_bins) for _, b in s}
         if self.anchor_group > 1:
             out |= {("d", b) for s in (self.key_delta_bins, self.value_delta_bins) for _, b in s}
-        steps = (-1, 0, 1) if neighbours else (0,)
+        steps = range(-REACH, REACH + 1) if neighbours else (0,)
         return {(role, shifted(b, step)) for role, b in out for step in steps}
 
 
@@ -110,11 +113,15 @@ def _pick(schedule: Schedule, depth: float) -> int:
 #   anchor row (post-RoPE keys of neighbouring tokens differ in their fast-rotating
 #   channels): at ratio 5.0, KL 0.021 against 0.036.
 # - A profile's sensitivity (kvpool.kernels.sensitivity) moves bins to the planes that
-#   matter: at the same ratio it halves the KL (31/15: 0.0053 -> 0.0028; 15/11: 0.021 ->
-#   0.011).
+#   matter, one ladder step per doubling of a plane's share of the error (Profile.steps): at
+#   keys 21 / values 11, KL 0.0073 with the planes' top and bottom thirds moved one step,
+#   0.0048 with that allocation, at the same size.
+# - A profile's context tables (the symbol above chooses the table) shrink chunks by 4 %
+#   at the same quality.
+# With a profile (256-token chunks):
 #   high     keys 63, values 31 bins            ratio 3.2, KL 0.0006
-#   default  keys 21, values 11                 ratio 4.6, KL 0.007, perplexity +0.6 %
-#   low      keys 15, values 11                 ratio 5.0, KL 0.011, perplexity +2 %
+#   default  keys 21, values 11                 ratio 4.7, KL 0.005, perplexity +0.3 %
+#   low      keys 15, values 11                 ratio 5.1, KL 0.009, perplexity +1.1 %
 #   lowest   keys 9, values 7 (15 / 11 in the first 10 % of the layers)    ratio 6.5, KL 0.04
 SINKS = 4
 LEVEL_TABLE: tuple[Level, ...] = (
@@ -128,6 +135,9 @@ LEVEL_TABLE: tuple[Level, ...] = (
 """Every level, best quality first."""
 
 LEVELS: tuple[str, ...] = tuple(level.name for level in LEVEL_TABLE)
+
+PROBE = LEVELS[-1]
+"""The coarsest level: a profile's sensitivity is the model's response to its errors."""
 
 
 def get(name: str) -> Level:

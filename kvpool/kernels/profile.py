@@ -4,19 +4,22 @@ A profile is computed once from real KV caches of a model and identified by a co
 hash; a chunk encoded with it names the hash (16 bytes) instead of carrying its tables.
 For every plane (layer-major, keys before values) it holds the channel midpoints and half
 ranges (bf16 bits) and, for every anchor group and bins a level table uses, one 16-bit
-probability table per channel for anchor rows ("a") and other rows ("d").
+probability table per channel for anchor rows ("a") and other rows ("d"), and with anchor
+group 1 also five per channel ("x"), one per context: the symbol the channel had in the row
+above (docs/bitstream.md); chunks encoded with the profile use those.
 
 A profile may also hold the model's *sensitivity*: per plane, how much the model's output
 moves (KL divergence) when that plane is quantized coarsely (:mod:`kvpool.kernels.sensitivity`).
-Encoding with such a profile moves every level's bins one step finer on the third of the
-planes the model is most sensitive to and one step coarser on the least sensitive third
-(:meth:`Profile.steps`); the bins land in each chunk's header as always.
+Encoding with such a profile moves every level's bins along the ladder, finer on the planes
+the model is most sensitive to and coarser on the others, as rate-distortion theory
+allocates bits (:meth:`Profile.steps`); the bins land in each chunk's header as always.
 
-File format (version 1): a numpy ``.npz`` archive (no pickles) with ``meta`` (UTF-8 JSON:
+File format (version 2): a numpy ``.npz`` archive (no pickles) with ``meta`` (UTF-8 JSON:
 format, version, model, planes, widths, hash), arrays ``p{plane}.mu``, ``p{plane}.sigma``
 and ``p{plane}.{role}{bins}g{group}`` ([width, bins] uint16), and optionally
 ``sensitivity`` ([planes] float32). The hash is SHA-256 over the canonical JSON of the model
 and widths and every array's name, shape and bytes in sorted order, cut to 16 bytes.
+``x`` tables are [width * 5, bins], context-major within a channel.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ ROBUST = 0.001
 """Quantiles that bound a channel's range in a profile (0.1 % and 99.9 %)."""
 
 FORMAT = "kvpool-codec-profile"
-VERSION = 1
+VERSION = 2
+"""2: tables up to three ladder steps from every level's bins, and context tables."""
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -62,6 +66,30 @@ def _table_key(role: str, bins: int, group: int) -> str:
     return f"{role}{bins}g{group}"
 
 
+CONTEXTS = 5
+"""Tables per channel when the symbol above chooses the table (docs/bitstream.md)."""
+
+CONTEXT_MAX_BINS = 63
+"""Context tables are kept up to these bins (they take five times the room of the others;
+finer planes gain least from them)."""
+
+
+def contexts_of(sym: np.ndarray, bins: int) -> np.ndarray:
+    """Context of every symbol of a plane ([tokens, width]) coded in streams of
+    :data:`levels.BLOCK_TOKENS` rows: the symbol above it, as -2 or less, -1, 0, 1, 2 or
+    more (0..4), and 2 in a stream's first row; the codec's ``context_of``."""
+    ctx = np.full(sym.shape, CONTEXTS // 2, np.int64)
+    ctx[1:] = np.clip(sym[:-1].astype(np.int64) - bins // 2, -2, 2) + 2
+    ctx[::levels.BLOCK_TOKENS] = CONTEXTS // 2
+    return ctx
+
+
+def _count(table: np.ndarray, sym: np.ndarray, tables: int, bins: int) -> np.ndarray:
+    """Counts [tables, bins] of ``sym`` coded with the table index ``table`` (broadcast)."""
+    flat = (table * bins + sym).ravel()
+    return np.bincount(flat, minlength=tables * bins).reshape(tables, bins).astype(np.uint64)
+
+
 class Profile:
     """Probability tables for one model, identified by a content hash."""
 
@@ -80,15 +108,32 @@ class Profile:
         """Per plane, the KL divergence the model showed with that plane coarsely quantized."""
         return self._arrays.get("sensitivity")
 
-    def steps(self) -> list[int]:
-        """Per plane, the ladder steps its bins move: +1 for the most sensitive third of the
-        planes, -1 for the least sensitive third, 0 for the rest (all 0 without a
-        sensitivity)."""
+    def steps(self, level: levels.Level | None = None) -> list[int]:
+        """Per plane, the ladder steps its bins move under ``level`` (all 0 without a
+        sensitivity).
+
+        Rate-distortion allocation: a plane's share of the output error is its sensitivity
+        scaled from the probe's bins to the level's (errors grow with the square of the
+        quantization step), and the error is least for a given size when every plane's step
+        is proportional to the square root of its share, i.e. when its bins move one ladder
+        step (about 1.4x, half a bit) per doubling of its share over the planes' geometric
+        mean, up to :data:`levels.REACH` steps either way. The moves add up to about zero,
+        so the chunk's size stays near the level's own.
+        """
         sens = self.sensitivity
-        if sens is None or not len(sens):
+        n = len(self.widths) // 2
+        if sens is None or not len(sens) or len(sens) != 2 * n:
             return [0] * len(self.widths)
-        lo, hi = np.quantile(sens, [1 / 3, 2 / 3])
-        return [1 if x > hi else -1 if x < lo else 0 for x in sens.tolist()]
+        probe = levels.get(levels.PROBE)
+        share = np.maximum(sens.astype(np.float64), max(float(sens.max()), 1e-12) * 1e-3)
+        if level is not None and not level.lossless:
+            for i in range(n):
+                pb, lb = probe.layer_bins(i, n)[2:], level.layer_bins(i, n)[2:]
+                for side in (0, 1):
+                    share[2 * i + side] *= ((pb[side] - 1) / (lb[side] - 1)) ** 2
+        octaves = np.log2(share)
+        steps = np.clip(np.round(octaves - octaves.mean()), -levels.REACH, levels.REACH)
+        return [int(x) for x in steps]
 
     @property
     def hash_bytes(self) -> bytes:
@@ -154,32 +199,65 @@ class Profile:
             arrays[f"p{i}.mu"], arrays[f"p{i}.sigma"] = mu, sigma.astype(np.uint16)
             for group, role, bins in roles:
                 counts = np.zeros((width, bins), np.uint64)
+                in_context = np.zeros((width * CONTEXTS, bins), np.uint64)
                 for x in xs:
                     if not len(x):
                         continue
                     sym = _codec.symbols(x, mu, arrays[f"p{i}.sigma"], group, bins, bins)
                     rows = (np.arange(len(x)) % group == 0) == (role == "a")
                     sel = sym[rows].astype(np.int64)
-                    flat = (np.arange(width)[None, :] * bins + sel).ravel()
-                    counts += np.bincount(flat, minlength=width * bins).reshape(width, bins).astype(np.uint64)
+                    counts += _count(np.arange(width)[None, :], sel, width, bins)
+                    if group == 1 and bins <= CONTEXT_MAX_BINS:
+                        ctx = contexts_of(sym, bins)
+                        in_context += _count(np.arange(width) * CONTEXTS + ctx, sel,
+                                             width * CONTEXTS, bins)
                 arrays[f"p{i}.{_table_key(role, bins, group)}"] = _codec.normalize(counts)
+                if group == 1 and bins <= CONTEXT_MAX_BINS:
+                    arrays[f"p{i}.{_table_key('x', bins, group)}"] = _codec.normalize(in_context)
         if sensitivity is not None:
             arrays["sensitivity"] = np.asarray(sensitivity, dtype=np.float32).reshape(-1)
         return cls(model, arrays, widths)
 
-    def tables_for(self, anchor_group: int, layers: list[tuple[int, ...]]) -> list[tuple]:
-        """Per plane, what the extension takes: (mu, sigma, anchor tables, other tables)."""
-        if 2 * len(layers) != len(self.widths):
-            raise CodecError(
-                f"profile {self.hash} is for {len(self.widths) // 2} layers, not {len(layers)}")
+    def slice_hash(self, first: int, count: int) -> str:
+        """The hash a chunk of the model's layers ``[first, first + count)`` names: the
+        profile's own for all of them, else one derived from it and the range (a chunk of
+        one layer, as the sidecar sends them, decodes with that layer's tables)."""
+        if first == 0 and 2 * count == len(self.widths):
+            return self.hash
+        return hashlib.sha256(f"{self.hash}/{first}+{count}".encode()).hexdigest()[:32]
+
+    def locate(self, want: str, count: int) -> int | None:
+        """The first layer of the slice of ``count`` layers whose hash is ``want`` (None when
+        no slice of this profile has it)."""
+        for first in range(len(self.widths) // 2 - count + 1):
+            if self.slice_hash(first, count) == want:
+                return first
+        return None
+
+    def has_contexts(self, layers: list[tuple[int, ...]], first: int = 0) -> bool:
+        """Whether the profile holds context tables (:data:`CONTEXTS` per channel) for every
+        plane's bins (layers from ``first``); profiles built before they existed do not."""
+        return all(f"p{2 * (first + i) + kind}.{_table_key('x', bins, 1)}" in self._arrays
+                   for i, (*_, kab, vab) in enumerate(layers)
+                   for kind, bins in enumerate((kab, vab)))
+
+    def tables_for(self, anchor_group: int, layers: list[tuple[int, ...]],
+                   contexts: bool = False, first: int = 0) -> list[tuple]:
+        """Per plane of ``layers`` (the model's layers from ``first``), what the extension
+        takes: (mu, sigma, anchor tables, other tables); with ``contexts`` the anchor tables
+        are the context tables ([width * CONTEXTS, bins])."""
+        n = len(self.widths) // 2
+        if first < 0 or first + len(layers) > n:
+            raise CodecError(f"profile {self.hash} is for {n} layers, not layers "
+                             f"{first}..{first + len(layers) - 1}")
         out = []
         for i, (_, width, kb, vb, kab, vab) in enumerate(layers):
             for kind, (bins, abins) in enumerate(((kb, kab), (vb, vab))):
-                p = 2 * i + kind
+                p = 2 * (first + i) + kind
                 if self.widths[p] != width:
                     raise CodecError(f"profile {self.hash}: plane {p} is {self.widths[p]} wide, "
                                      f"the chunk's {width}")
-                anchor = self._table(p, "a", abins, anchor_group)
+                anchor = self._table(p, "x" if contexts else "a", abins, anchor_group)
                 delta = self._table(p, "d", bins, anchor_group) if anchor_group > 1 else None
                 out.append((self._arrays[f"p{p}.mu"], self._arrays[f"p{p}.sigma"], anchor, delta))
         return out
@@ -196,7 +274,7 @@ class Profile:
         meta = {"format": FORMAT, "version": VERSION, "model": self.model,
                 "widths": self.widths, "hash": self.hash}
         buf = io.BytesIO()
-        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **self._arrays)
+        np.savez_compressed(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **self._arrays)
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(buf.getvalue())

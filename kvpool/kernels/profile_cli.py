@@ -19,7 +19,7 @@ from rich.console import Console
 
 from kvpool import models
 from kvpool.kernels import CodecError, Profile, sensitivity
-from kvpool.kernels.realkv import LanguageModel, extract, load_model
+from kvpool.kernels.realkv import LanguageModel, extract, load_model, model_name
 
 SUFFIX = ".kvprofile"
 SENSITIVITY_TOKENS = 128
@@ -55,6 +55,19 @@ def save(profile: Profile, out: str | os.PathLike[str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     profile.save(path)
     return path
+
+
+def cached(model: str | os.PathLike[str] | None = None) -> Path:
+    """The path of a profile of ``model`` (default: the embedded SmolLM2) in the user
+    cache, built and saved first when none there can be read (about 40 s)."""
+    folder = profiles_dir(model_name(model))
+    for path in sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            Profile.load(path)
+        except CodecError:
+            continue  # another version, or a broken file: not this one
+        return path
+    return save(build_profile(load_model(model)))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from kvpool.kernels import KVCache, decode, encode
-from kvpool.kernels.levels import LEVELS
+from kvpool.kernels.levels import PROBE
 from kvpool.kernels.realkv import RealKV, cache_from_kv
 
-PROBE_LEVEL = LEVELS[-1]
+PROBE_LEVEL = PROBE
 """The coarsest level: its errors show where the model is sensitive."""
 
 GROUPS = 6

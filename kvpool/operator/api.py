@@ -20,7 +20,7 @@ import dataclasses
 from typing import Any, Literal
 
 from kvpool.operator import schema
-from kvpool.operator.schema import Embedded, Quantity, Rule, field
+from kvpool.operator.schema import Embedded, Int64, Quantity, Rule, field
 
 GROUP = "kvpool.dev"
 VERSION = "v1alpha1"
@@ -153,7 +153,8 @@ class TransferSpec:
     """How the KV cache moves from prefill to decode."""
 
     transport: TransportName = field(
-        "grpc: sidecar-to-sidecar gRPC streams; nixl: GPU memory over NIXL/UCX (needs GPUs).",
+        "grpc: sidecar-to-sidecar gRPC streams; nixl: prefer NIXL/UCX (needs GPUs), used by "
+        "each pair of sidecars that both have it, gRPC otherwise.",
         default="grpc",
     )
     codec: CodecName = field(
@@ -298,9 +299,9 @@ class TransferStatus:
     """The pool's KV transfers over the sidecars' recent window, summed over the sidecars
     that answered (read by the operator from each sidecar's /transfer/health)."""
 
-    bytes_saved: int = field("Bytes compression kept off the wire (raw - wire).", default=0)
-    raw_bytes: int = field("Uncompressed KV bytes delivered.", default=0, minimum=0)
-    wire_bytes: int = field("Bytes of that KV on the wire.", default=0, minimum=0)
+    bytes_saved: Int64 = field("Bytes compression kept off the wire (raw - wire).", default=0)
+    raw_bytes: Int64 = field("Uncompressed KV bytes delivered.", default=0, minimum=0)
+    wire_bytes: Int64 = field("Bytes of that KV on the wire.", default=0, minimum=0)
     transfers: int = field("Transfers finished (delivered, failed or recomputed).", default=0,
                            minimum=0)
     failed: int = field("Transfers that failed (decode recomputed).", default=0, minimum=0)
@@ -309,6 +310,14 @@ class TransferStatus:
     window_seconds: int = field("The window these counts cover, in seconds.", default=0,
                                 minimum=0)
     sidecars: str = field("Sidecars that answered / worker pods running.", default="0/0")
+    failure_reasons: dict[str, int] = field(
+        "Failed transfers by reason (peer, timeout, checksum, codec, peer_restarted, ...).",
+        default={})
+    transports: dict[str, int] = field("Transfers by the transport they crossed on (grpc, nixl).",
+                                       default={})
+    transport_fallbacks: int = field(
+        "Transfers that took gRPC where NIXL was preferred (a peer without NIXL).", default=0,
+        minimum=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,10 @@ every command with the real parsers):
   the operator generates once: :func:`tls_secret`), and its probes move from the gRPC
   peer port (kubelet's gRPC probe speaks plaintext) to ``/transfer/health`` on the
   metrics port.
+- shared memory: an ``emptyDir`` with ``medium: Memory`` (``kvpool-shm``, size limit
+  ``shm_size_mib``) mounted into both containers at ``shm_dir``; the sidecar gets
+  ``--shm-dir`` and ``--shm-max-mb`` (7/8 of the limit), the connector ``shm_dir``, and
+  chunks cross between them in place (:mod:`kvpool.sidecar.shm`).
 - router: ``kvpool router --host 0.0.0.0 --port P --prefill http://HOST:PORT --decode
   http://HOST:PORT`` where the hosts are the roles' headless Services.
 """
@@ -213,6 +217,7 @@ def _kv_transfer_config(role: str, spec: api.KVCachePoolSpec, settings: RenderSe
         role=KV_ROLES[role],
         failure_policy=spec.transfer.failure_policy,
         load_timeout_s=spec.transfer.timeout_ms / 1000,
+        shm_dir=settings.shm_dir,
     )
     return json.dumps(config, separators=(",", ":"))
 
@@ -244,6 +249,7 @@ def _vllm_container(
         "ports": [{"name": "http", "containerPort": settings.vllm_port, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": "kvpool-socket", "mountPath": settings.socket_dir},
+            {"name": "kvpool-shm", "mountPath": settings.shm_dir},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
         # Loading a model takes minutes: the startup probe allows 30 min before liveness.
@@ -261,7 +267,8 @@ def _sidecar_container(
     pool: PoolRef, role: str, spec: api.KVCachePoolSpec, settings: RenderSettings
 ) -> dict[str, Any]:
     tls = tls_secret_name(pool.name, spec) is not None
-    mounts: list[dict[str, Any]] = [{"name": "kvpool-socket", "mountPath": settings.socket_dir}]
+    mounts: list[dict[str, Any]] = [{"name": "kvpool-socket", "mountPath": settings.socket_dir},
+                                    {"name": "kvpool-shm", "mountPath": settings.shm_dir}]
     if tls:
         mounts.append({"name": "kvpool-tls", "mountPath": TLS_DIR, "readOnly": True})
         # kubelet's gRPC probe speaks plaintext: the metrics port answers once the sidecar
@@ -285,6 +292,8 @@ def _sidecar_container(
             "--level", "$(KVPOOL_LEVEL)",
             "--ttft-target-ms", "$(KVPOOL_TTFT_TARGET_MS)",
             "--transfer-timeout", "$(KVPOOL_TRANSFER_TIMEOUT_S)",
+            "--shm-dir", settings.shm_dir,
+            "--shm-max-mb", str(settings.shm_size_mib * 7 // 8),
             *(["--tls-dir", TLS_DIR] if tls else []),
         ],
         "ports": [
@@ -365,6 +374,8 @@ def _worker_deployment(
     r: api.RoleSpec = getattr(spec, role)
     volumes: list[dict[str, Any]] = [
         {"name": "kvpool-socket", "emptyDir": {"sizeLimit": "16Mi"}},
+        {"name": "kvpool-shm",
+         "emptyDir": {"medium": "Memory", "sizeLimit": f"{settings.shm_size_mib}Mi"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
     ]
     secret = tls_secret_name(pool.name, spec)

@@ -27,12 +27,16 @@ from typing import Annotated, Any, Literal, TypeVar
 
 _QUANTITY = "quantity"
 _EMBEDDED = "embedded"
+_INT64 = "int64"
 
 Quantity = Annotated[int | str, _QUANTITY]
 """A Kubernetes resource quantity (``4``, ``500m``, ``16Gi``): int-or-string in the schema."""
 
 Embedded = Annotated[dict[str, Any], _EMBEDDED]
 """A Kubernetes sub-object validated by the API server's own types, kept as is here."""
+
+Int64 = Annotated[int, _INT64]
+"""An integer that may pass 2^31 (byte counts): ``format: int64`` in the schema."""
 
 _MISSING = dataclasses.MISSING
 T = TypeVar("T")
@@ -111,9 +115,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _marker(tp: Any) -> str | None:
-    """``quantity`` / ``embedded`` for the marker types above, else None."""
+    """``quantity`` / ``embedded`` / ``int64`` for the marker types above, else None."""
     if typing.get_origin(tp) is Annotated:
-        return next((m for m in tp.__metadata__ if m in (_QUANTITY, _EMBEDDED)), None)
+        return next((m for m in tp.__metadata__ if m in (_QUANTITY, _EMBEDDED, _INT64)), None)
     return None
 
 
@@ -132,6 +136,8 @@ def _type_schema(tp: Any) -> dict[str, Any]:
         return {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
     if _marker(tp) == _EMBEDDED:
         return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    if _marker(tp) == _INT64:
+        return {"type": "integer", "format": "int64"}
     if tp is bool:
         return {"type": "boolean"}
     if tp is int:
@@ -212,6 +218,8 @@ def _load_value(tp: Any, raw: Any, path: str) -> Any:
         if not isinstance(raw, Mapping):
             raise SpecError(path, "must be an object")
         return _copy(dict(raw))
+    if _marker(tp) == _INT64:
+        tp = int
     if tp is bool or tp is int or tp is str:
         if type(raw) is not tp:
             raise SpecError(path, f"must be of type {tp.__name__}, not {type(raw).__name__}")

@@ -29,6 +29,14 @@ class RenderSettings:
     socket_dir: str = "/run/kvpool"
     """Shared emptyDir where the sidecar listens on a unix socket for the vLLM connector."""
 
+    shm_dir: str = "/run/kvpool-shm"
+    """Memory-backed emptyDir mounted into vLLM and the sidecar at this path: decoded
+    chunks and put buffers handed over in place (kvpool.sidecar.shm)."""
+
+    shm_size_mib: int = 2048
+    """Size limit of that emptyDir (MiB; it counts as the pod's memory). The sidecar holds
+    at most 7/8 of it (``--shm-max-mb``), the rest is for the connector's put buffer."""
+
     cluster_domain: str = "cluster.local"
     """DNS suffix of Services, for the router endpoint written to status."""
 

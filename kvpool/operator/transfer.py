@@ -10,8 +10,9 @@ sums the answers into a :class:`TransferVerdict`:
   :func:`kvpool.sidecar.health.verdict` over the summed counts, ``Unknown`` when no
   sidecar answered (``SidecarsUnreachable``), none is ready (``NoReadySidecars``) or
   nothing was measured yet (``NotMeasured``);
-- ``status.transfer``: bytes saved by compression, transfers, failures and recomputes
-  over the sidecars' window, and how many sidecars answered.
+- ``status.transfer``: bytes saved by compression, transfers, failures (by reason) and
+  recomputes over the sidecars' window, the transports transfers took and how often a
+  preferred NIXL fell back to gRPC, and how many sidecars answered.
 
 A sidecar that does not answer costs its timeout and nothing else: the timer runs beside
 the reconcile handlers, never inside them.
@@ -101,6 +102,20 @@ async def fetch(session: aiohttp.ClientSession, url: str, timeout_s: float) -> d
     return summary
 
 
+def _count(x: Any) -> int:
+    """A non-negative count from a summary (0 for what an older sidecar does not send)."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else 0
+
+
+def _sum_maps(maps: Iterable[Any]) -> dict[str, int]:
+    """Counts by name, summed over the sidecars' summaries."""
+    out: dict[str, int] = {}
+    for m in maps:
+        for name, n in (m.items() if isinstance(m, dict) else ()):
+            out[str(name)] = out.get(str(name), 0) + _count(n)
+    return dict(sorted(out.items()))
+
+
 def aggregate(answers: Mapping[str, dict | None]) -> TransferVerdict:
     """The pool's verdict from each pod's summary (None: the pod did not answer)."""
     got = [a for a in answers.values() if a is not None]
@@ -118,6 +133,9 @@ def aggregate(answers: Mapping[str, dict | None]) -> TransferVerdict:
         silent = sorted(name for name, a in answers.items() if a is None)
         message += f"; {len(got)} of {len(answers)} sidecars answered (not: {', '.join(silent)})"
     summary = {
+        "failureReasons": _sum_maps(a.get("failure_reasons") for a in got),
+        "transports": _sum_maps(a.get("transports") for a in got),
+        "transportFallbacks": sum(_count(a.get("transport_fallbacks")) for a in got),
         "bytesSaved": sums["bytes_saved"],
         "rawBytes": sums["raw_bytes"],
         "wireBytes": sums["wire_bytes"],

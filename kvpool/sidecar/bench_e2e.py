@@ -64,6 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES)
     )
     parser.add_argument("--level", default="default", help="codec level of pd_cachegen")
+    launch.add_profile_option(parser)
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request")
     parser.add_argument(
         "--grpc-mib",
@@ -144,6 +145,8 @@ class Bench:
         )  # fmt: skip
         launcher.wait_ready(self.prefill, self.decode, timeout_s=600)
         self._round = 0
+        self.profile = launch.codec_profile(args.profile, console) if args.level not in (
+            "raw", "lossless") else None
 
     def body(self, prompt: str) -> dict[str, Any]:
         return {"model": models.DEFAULT_MODEL, "prompt": prompt,
@@ -169,6 +172,7 @@ class Bench:
         for role, side in (("prefill", "a"), ("decode", "b")):
             sides.append(self.launcher.start_sidecar(
                 f"{role}-sidecar-{name}", level=level,
+                profile=self.profile if level == self.args.level else None,
                 socket=self.prefill_sock if role == "prefill" else self.decode_sock,
                 peer_host=link.address(side) if link else launch.HOST,
                 wrap=link.exec_in(side) if link else (),

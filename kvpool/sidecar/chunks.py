@@ -73,13 +73,23 @@ def from_bytes(data: bytes, dtype: str, width: int) -> torch.Tensor:
     return raw.view(torch_dtype).view(-1, width)
 
 
+def planes(region: np.ndarray, dtype: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[tokens, width]`` over the bytes of one chunk laid out keys first
+    (a uint8 array, e.g. over a shared-memory mapping): views, no copy."""
+    both = torch.from_numpy(region).view(DTYPES[dtype]).view(2, -1, width)
+    return both[0], both[1]
+
+
 def token_slots(block_ids: Sequence[int], block_size: int, start: int, end: int) -> tuple[
     torch.Tensor, torch.Tensor
 ]:
-    """(block id, offset in block) of each token in ``[start, end)`` of a request."""
-    positions = torch.arange(start, end)
-    blocks = torch.as_tensor(list(block_ids), dtype=torch.long)[positions // block_size]
-    return blocks, positions % block_size
+    """(block id, offset in block) of each token in ``[start, end)`` of a request.
+
+    Computed with numpy: torch's small integer ops wait on its intra-op threads, which on a
+    busy CPU (the forward pass) costs milliseconds per call."""
+    positions = np.arange(start, end, dtype=np.int64)
+    blocks = np.asarray(block_ids, dtype=np.int64)[positions // block_size]
+    return torch.from_numpy(blocks), torch.from_numpy(positions % block_size)
 
 
 @dataclass(frozen=True)
@@ -214,7 +224,14 @@ class PagedLayout:
         device = kv_layer.device
         whole = self._to_blocks(k[lead:tail].to(kv_layer.dtype),
                                 v[lead:tail].to(kv_layer.dtype), heads, block_size)
-        kv_layer[blocks[lead:tail:block_size].to(device)] = whole.to(device)
+        ids = blocks[lead:tail:block_size]
+        if device.type == "cpu":
+            # numpy's fancy assignment: torch's index_put of 2-byte dtypes on the CPU is
+            # 10-20x slower, and it competes for the intra-op threads of the forward pass.
+            same_size = _INT_OF_SIZE[kv_layer.element_size()]
+            kv_layer.view(same_size).numpy()[ids.numpy()] = whole.view(same_size).numpy()
+        else:
+            kv_layer[ids.to(device)] = whole.to(device)
         for span in (slice(0, lead), slice(tail, None)):
             if len(offsets[span]):
                 self._scatter_slots(kv_layer, blocks[span], offsets[span], k[span], v[span])

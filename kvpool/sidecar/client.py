@@ -20,6 +20,11 @@ class SidecarClient:
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LocalStub(self._channel)
 
+    def watch(self, callback) -> None:
+        """Call ``callback(state)`` on every change of the channel's connectivity (from a
+        gRPC thread): a sidecar that restarted was reached over a new connection."""
+        self._channel.subscribe(callback, try_to_connect=False)
+
     def info(self) -> pb.InfoReply:
         return self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s)
 
@@ -32,6 +37,11 @@ class SidecarClient:
     def load(self, request: pb.LoadRequest) -> Iterator[pb.LoadReply]:
         """The transfer's chunks then its end; grpc.RpcError when it cannot complete."""
         return self._stub.Load(request, timeout=self.timeout_s)
+
+    def release(self, transfer_id: str) -> pb.ReleaseReply:
+        """Let the sidecar remove the transfer's shared memory (read, or given up)."""
+        return self._stub.Release(pb.ReleaseRequest(transfer_id=transfer_id),
+                                  timeout=self.timeout_s)
 
     def close(self) -> None:
         self._channel.close()

@@ -15,7 +15,9 @@ the full engine and sidecar command lines). ``kv_role`` ``kv_both`` serves both 
 recompute a prompt whose KV cannot arrive instead of failing the request. Extra config:
 ``sidecar`` (required; or ``$KVPOOL_SIDECAR``), ``level`` (default level of this
 prefill worker's chunks, else the sidecar's), ``model`` (name hashed into chunk names;
-default: the served model name), ``load_timeout_s`` (30).
+default: the served model name), ``load_timeout_s`` (30), ``shm_dir`` (or
+``$KVPOOL_SHM_DIR``: this process's path to the directory it shares with the sidecar;
+default: the path the sidecar announces; ``off``: never map shared memory).
 
 The request flow (the router does steps 1 and 3, as vLLM's P/D proxy does):
 
@@ -26,11 +28,15 @@ The request flow (the router does steps 1 and 3, as vLLM's P/D proxy does):
    tokens out of the paged cache and hands them to the sidecar, which encodes them (and
    pushes them on) at once. ``request_finished`` returns ``kv_transfer_params`` naming
    the transfer: ``{"do_remote_prefill": true, "kvpool_transfer": ..., "kvpool_peer":
-   ..., ...}``.
+   ..., "kvpool_instance": ..., ...}`` (``kvpool_instance``: the sidecar process holding
+   it; another process at that address, a restarted sidecar, refuses the transfer).
 3. Decode request with those ``kv_transfer_params``: ``get_num_new_matched_tokens``
    reports the prompt as external tokens loaded asynchronously; the worker streams the
    decoded chunks from its sidecar into the allocated blocks, then reports the request
-   finished receiving, or failed (``failed_recving``) so that vLLM recomputes it.
+   finished receiving, or failed (``failed_recving``) so that vLLM recomputes it. When the
+   worker sees the sidecar's shared-memory directory (it reads the probe file ``Info``
+   names), chunks come as descriptors of regions there, which it maps and scatters from
+   (:mod:`kvpool.sidecar.shm`), and it calls ``Release`` once done; otherwise as bytes.
 
 Scheduler-side (:class:`KVPoolScheduler`): get_num_new_matched_tokens,
 update_state_after_alloc, build_connector_meta, request_finished.
@@ -49,6 +55,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -61,7 +68,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from kvpool.sidecar import chunks
+from kvpool.sidecar import chunks, shm
 from kvpool.sidecar.client import SidecarClient
 from kvpool.sidecar.proto import sidecar_pb2 as pb
 
@@ -110,6 +117,8 @@ class LoadSpec:
     block_ids: list[int]
     first_token: int
     token_ids: list[int]
+    peer_instance: str = ""
+    """The prefill sidecar instance that holds the transfer (empty: not checked)."""
 
 
 @dataclass
@@ -125,6 +134,9 @@ class ConnectorConfig:
     level: str
     block_size: int
     load_timeout_s: float
+    shm_dir: str = ""
+    """This process's path to the directory shared with the sidecar ("": the sidecar's own
+    path; "off": bytes only)."""
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorConfig:
@@ -143,6 +155,7 @@ class ConnectorConfig:
             level=str(extra.get("level", "")),
             block_size=vllm_config.cache_config.block_size,
             load_timeout_s=float(extra.get("load_timeout_s", 30.0)),
+            shm_dir=str(extra.get("shm_dir", os.environ.get(shm.ENV_DIR, ""))),
         )
 
 
@@ -166,7 +179,8 @@ class KVPoolScheduler:
         self._saving: dict[str, _Saving] = {}
         self._loads: list[LoadSpec] = []
         self._client: SidecarClient | None = None
-        self._peer: str | None = None
+        self._info: pb.InfoReply | None = None
+        self._connection = 0  # bumped whenever the channel to the sidecar leaves READY
 
     @staticmethod
     def _wants_load(request: Request) -> bool:
@@ -197,6 +211,7 @@ class KVPoolScheduler:
                     block_ids=list(blocks.get_block_ids()[0]),
                     first_token=len(prompt) - num_external_tokens,
                     token_ids=prompt,
+                    peer_instance=str(params.get("kvpool_instance", "")),
                 ))
         elif params.get("do_remote_decode") and request.request_id not in self._saving:
             self._saving[request.request_id] = _Saving(
@@ -255,16 +270,29 @@ class KVPoolScheduler:
         if start < end:
             meta.saves.append(self._spec(saving, start, end))
 
-    def peer_address(self) -> str:
-        """The local sidecar's peer address (asked once; empty while it cannot be reached)."""
-        if self._peer is None:
-            self._client = self._client or SidecarClient(self.config.sidecar, timeout_s=5.0)
+    def _connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state != grpc.ChannelConnectivity.READY:
+            self._connection += 1
+            self._info = None
+
+    def sidecar_info(self) -> tuple[str, str]:
+        """The local sidecar's peer address and instance; empty while it cannot be reached.
+        Asked again whenever the connection to the sidecar was lost (a restarted sidecar
+        is another instance), not for each request."""
+        if self._client is None:
+            self._client = SidecarClient(self.config.sidecar, timeout_s=5.0)
+            self._client.watch(self._connectivity)
+        info = self._info
+        if info is None:
+            connection = self._connection
             try:
-                self._peer = self._client.info().peer
+                info = self._client.info()
             except grpc.RpcError as exc:
                 log.warning("sidecar %s unreachable: %s", self.config.sidecar, exc.details())
-                return ""
-        return self._peer
+                return "", ""
+            if connection == self._connection:  # still the connection it was asked over
+                self._info = info
+        return info.peer, info.instance
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -273,11 +301,13 @@ class KVPoolScheduler:
         if saving is None:
             return False, None
         # The KV was copied out as it was computed: the blocks can be freed now.
+        peer, instance = self.sidecar_info()
         return False, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "kvpool_transfer": saving.transfer_id,
-            "kvpool_peer": self.peer_address(),
+            "kvpool_peer": peer,
+            "kvpool_instance": instance,
             "kvpool_push": bool(saving.push_to),
             "kvpool_model": self.config.model,
             "kvpool_tokens": len(request.prompt_token_ids or ()),
@@ -308,6 +338,11 @@ class KVPoolWorker:
         self._finished: set[str] = set()
         self._failed: set[str] = set()
         self._slots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shm_lock = threading.Lock()
+        self._shm_dir: Path | None = None
+        self._shm_known = config.shm_dir.strip().lower() in shm.OFF[1:]  # off: never asked
+        self._put_buf: shm.PutBuffer | None = None
+        self._put_off = False
         self.stats = {"loaded": 0, "load_failures": 0, "saved_chunks": 0, "save_failures": 0}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -358,17 +393,58 @@ class KVPoolWorker:
     def _put(self, spec: SaveSpec, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if spec.transfer_id in self._broken:
             return
-        self.client.put(pb.PutRequest(
+        key = pb.ChunkKey(layer=layer, token_start=spec.start, token_end=spec.end,
+                          prefix_hash=spec.prefix_hash)
+        request = pb.PutRequest(
             transfer_id=spec.transfer_id, model=self.config.model, level=spec.level,
-            push_to=spec.push_to, num_layers=len(self.layer_names),
-            chunk=pb.RawChunk(
-                key=pb.ChunkKey(layer=layer, token_start=spec.start, token_end=spec.end,
-                                prefix_hash=spec.prefix_hash),
-                dtype=chunks.dtype_name(k.dtype), width=k.shape[1],
-                keys=chunks.to_bytes(k), values=chunks.to_bytes(v),
-            ),
-        ))
+            push_to=spec.push_to, num_layers=len(self.layer_names))
+        if not self._put_shared(request, key, k, v):
+            request.chunk.CopyFrom(pb.RawChunk(
+                key=key, dtype=chunks.dtype_name(k.dtype), width=k.shape[1],
+                keys=chunks.to_bytes(k), values=chunks.to_bytes(v)))
+            self.client.put(request)
         self.stats["saved_chunks"] += 1
+
+    def _put_shared(self, request: pb.PutRequest, key: pb.ChunkKey, k: torch.Tensor,
+                    v: torch.Tensor) -> bool:
+        """Put a chunk through the put buffer in shared memory; False when it must go as
+        bytes (no shared memory, no room, or the sidecar cannot read the buffer, in which
+        case the buffer is given up for good)."""
+        buffer = self._put_buffer()
+        if buffer is None:
+            return False
+        try:
+            request.shared.CopyFrom(buffer.write(key, k, v))
+        except shm.ShmFull:
+            return False
+        try:
+            self.client.put(request)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.warning("kvpool: sidecar %s cannot read the put buffer (%s): chunks go as "
+                        "bytes", self.config.sidecar, exc.details())
+            self._put_off = True
+            self._put_buf = None
+            buffer.close()
+            request.ClearField("shared")
+            return False
+        return True
+
+    def _put_buffer(self) -> shm.PutBuffer | None:
+        """The put buffer in the directory shared with the sidecar, made at the first Put
+        (sender thread only); None without shared memory."""
+        if self._put_buf is None and not self._put_off:
+            directory = self.shared_dir()
+            if directory is not None:
+                try:
+                    self._put_buf = shm.PutBuffer(directory)
+                except OSError as exc:
+                    log.warning("kvpool: no put buffer in %s: %s", directory, exc)
+                    self._put_off = True
+            elif self._shm_known:
+                self._put_off = True
+        return self._put_buf
 
     def _seal(self, spec: SaveSpec, num_layers: int) -> None:
         failed = spec.abort or spec.transfer_id in self._broken
@@ -386,46 +462,95 @@ class KVPoolWorker:
             threading.Thread(target=self._load, args=(spec,), name="kvpool-load",
                              daemon=True).start()
 
+    def shared_dir(self) -> Path | None:
+        """The sidecar's shared-memory directory as this process reaches it, or None when
+        it does not see the sidecar's files (asked once the sidecar answers)."""
+        with self._shm_lock:
+            if not self._shm_known:
+                try:
+                    info = self.client.info()
+                except grpc.RpcError:
+                    return None  # asked again at the next load
+                self._shm_dir = shm.attach(info, self.config.shm_dir)
+                self._shm_known = True
+                if info.shm_dir:
+                    log.info("kvpool: sidecar shared memory %s: %s", info.shm_dir,
+                             f"mapped at {self._shm_dir}" if self._shm_dir
+                             else "not visible here, chunks come as bytes")
+            return self._shm_dir
+
     def _load(self, spec: LoadSpec) -> None:
         start = time.perf_counter()
+        directory = self.shared_dir()
         try:
-            nbytes = self._fill(spec)
-        except (grpc.RpcError, LoadError, ValueError) as exc:
+            nbytes = self._fill(spec, directory)
+        except (grpc.RpcError, LoadError, ValueError, OSError) as exc:
             detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning("kvpool: load of transfer %s failed, request %s recomputes: %s",
                         spec.transfer_id, spec.request_id, detail)
+            if isinstance(exc, shm.ShmError):  # e.g. a restarted sidecar elsewhere: ask again
+                with self._shm_lock:
+                    self._shm_known = False
             with self._lock:
                 self.stats["load_failures"] += 1
                 self._failed.add(spec.request_id)
                 self._finished.add(spec.request_id)
-            return
-        log.info("kvpool: loaded transfer %s: %d tokens, %d bytes in %.1f ms",
-                 spec.transfer_id, len(spec.token_ids) - spec.first_token, nbytes,
-                 1e3 * (time.perf_counter() - start))
-        with self._lock:
-            self.stats["loaded"] += 1
-            self._finished.add(spec.request_id)
+        else:
+            log.info("kvpool: loaded transfer %s: %d tokens, %d bytes in %.1f ms",
+                     spec.transfer_id, len(spec.token_ids) - spec.first_token, nbytes,
+                     1e3 * (time.perf_counter() - start))
+            with self._lock:
+                self.stats["loaded"] += 1
+                self._finished.add(spec.request_id)
+        if directory is not None:
+            try:  # after the request is reported: off its critical path
+                self.client.release(spec.transfer_id)
+            except grpc.RpcError as exc:  # the lease removes it
+                log.debug("kvpool: release of transfer %s: %s", spec.transfer_id, exc.details())
 
-    def _fill(self, spec: LoadSpec) -> int:
-        """Write every chunk of the transfer into the request's blocks; returns bytes."""
+    def _fill(self, spec: LoadSpec, directory: Path | None = None) -> int:
+        """Write every chunk of the transfer into the request's blocks; returns bytes.
+        With ``directory`` (shared with the sidecar), chunks may come as descriptors of
+        shared memory, scattered from a mapping of it."""
+        request = pb.LoadRequest(
+            transfer_id=spec.transfer_id, model=self.config.model, peer=spec.peer,
+            expect_push=spec.expect_push, first_token=spec.first_token,
+            peer_instance=spec.peer_instance, shared_memory=directory is not None,
+        )
+        reader = shm.SegmentReader(directory) if directory is not None else None
+        try:
+            return self._scatter_all(spec, self.client.load(request), reader)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _scatter_all(self, spec: LoadSpec, replies, reader: shm.SegmentReader | None) -> int:
         num_tokens = len(spec.token_ids)
         want = num_tokens - spec.first_token
         covered = [0] * len(self.layer_names)
         hashes: dict[int, bytes] = {}
+        slots_of: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         nbytes = 0
-        request = pb.LoadRequest(
-            transfer_id=spec.transfer_id, model=self.config.model, peer=spec.peer,
-            expect_push=spec.expect_push, first_token=spec.first_token,
-        )
         end: pb.TransferEnd | None = None
         # Read to the stream's close: a call left before its status is cancelled.
-        for reply in self.client.load(request):
-            if reply.WhichOneof("item") == "end":
+        for reply in replies:
+            kind = reply.WhichOneof("item")
+            if kind == "end":
                 end = reply.end
                 continue
             if end is not None:
                 raise LoadError("the sidecar sent a chunk after the transfer's end")
-            chunk = reply.chunk
+            if kind == "shared":
+                if reader is None:
+                    raise LoadError("the sidecar sent a shared-memory descriptor unasked")
+                chunk = reply.shared
+                keys, values = reader.planes(chunk)
+                nbytes += chunk.length
+            else:
+                chunk = reply.chunk
+                keys = chunks.from_bytes(chunk.keys, chunk.dtype, chunk.width)
+                values = chunks.from_bytes(chunk.values, chunk.dtype, chunk.width)
+                nbytes += len(chunk.keys) + len(chunk.values)
             key = chunk.key
             if key.layer >= len(self.layer_names) or key.token_end > num_tokens:
                 raise LoadError(f"chunk layer {key.layer} tokens [{key.token_start}, "
@@ -436,17 +561,16 @@ class KVPoolWorker:
             if hashes[key.token_end] != key.prefix_hash:
                 raise LoadError("chunk names another prompt prefix (prefix hash differs)")
             first = max(key.token_start, spec.first_token)
-            keys = chunks.from_bytes(chunk.keys, chunk.dtype, chunk.width)
-            values = chunks.from_bytes(chunk.values, chunk.dtype, chunk.width)
             skip = first - key.token_start
             if keys.shape[0] != key.token_end - key.token_start:
                 raise LoadError("chunk size does not match its token range")
             kv_layer = self.kv_caches[self.layer_names[key.layer]]
-            slots = chunks.token_slots(spec.block_ids, self.config.block_size, first,
-                                       key.token_end)
+            slots = slots_of.get((first, key.token_end))
+            if slots is None:  # the same for every layer
+                slots = slots_of[first, key.token_end] = chunks.token_slots(
+                    spec.block_ids, self.config.block_size, first, key.token_end)
             chunks.layout_for(kv_layer).scatter(kv_layer, *slots, keys[skip:], values[skip:])
             covered[key.layer] += key.token_end - first
-            nbytes += len(chunk.keys) + len(chunk.values)
         if end is None:
             raise LoadError("the sidecar's stream ended without the transfer's end")
         if end.num_tokens != num_tokens:
@@ -464,6 +588,9 @@ class KVPoolWorker:
     def shutdown(self) -> None:
         self._outbox.put(None)
         self._sender.join(timeout=10)
+        if self._put_buf is not None:
+            self._put_buf.close()
+            self._put_buf = None
         self.client.close()
 
 

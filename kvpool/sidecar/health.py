@@ -53,6 +53,7 @@ class _Event:
     raw_bytes: int
     wire_bytes: int
     seconds: float
+    reason: str = ""
 
 
 class TransferHealth:
@@ -72,6 +73,7 @@ class TransferHealth:
         self._lock = threading.Lock()
         self._events: collections.deque[_Event] = collections.deque()
         self._levels: collections.deque[tuple[float, str]] = collections.deque()
+        self._transports: collections.deque[tuple[float, str, bool]] = collections.deque()
         self._transfers = Counter("kvpool_transfers", "KV transfers by outcome",
                                   ["outcome"], registry=self.registry)
         self._recomputes = Counter("kvpool_recompute_fallbacks",
@@ -102,9 +104,9 @@ class TransferHealth:
         self._wire.inc(wire_bytes)
 
     def transfer_failed(self, reason: str, *, recomputed: bool = True) -> None:
-        """A transfer failed (``reason``: timeout, checksum, peer_lost, ...); by default
-        decode recomputed the request, which is counted as a fallback too."""
-        self._add(_Event(self._clock(), "failed", 0, 0, 0.0))
+        """A transfer failed (``reason``: timeout, checksum, peer, peer_restarted, ...); by
+        default decode recomputed the request, which is counted as a fallback too."""
+        self._add(_Event(self._clock(), "failed", 0, 0, 0.0, reason))
         if recomputed:
             self._recomputes.labels(reason).inc()
 
@@ -119,6 +121,12 @@ class TransferHealth:
             self._levels.append((self._clock(), level))
         self._chunks.labels(level).inc()
 
+    def transport(self, name: str, *, fallback: bool = False) -> None:
+        """A transfer went (or came) over transport ``name``; ``fallback``: this sidecar
+        prefers NIXL and the pair could not use it."""
+        with self._lock:
+            self._transports.append((self._clock(), name, fallback))
+
     def _add(self, event: _Event) -> None:
         with self._lock:
             self._events.append(event)
@@ -132,6 +140,8 @@ class TransferHealth:
             self._events.popleft()
         while self._levels and self._levels[0][0] < horizon:
             self._levels.popleft()
+        while self._transports and self._transports[0][0] < horizon:
+            self._transports.popleft()
 
     def summary(self) -> dict:
         """The recent window as a JSON-ready dict; ``healthy``/``reason``/``message`` give
@@ -141,6 +151,7 @@ class TransferHealth:
             self._trim(self._clock())
             events = list(self._events)
             levels = [lv for _, lv in self._levels]
+            transports = list(self._transports)
         n = len(events)
         by = collections.Counter(e.outcome for e in events)
         ok = [e for e in events if e.outcome == "ok"]
@@ -165,6 +176,10 @@ class TransferHealth:
             "wire_bytes": wire,
             "bytes_saved": raw - wire,
             "level_mix": {lv: c / len(levels) for lv, c in sorted(mix.items())},
+            "failure_reasons": dict(sorted(collections.Counter(
+                e.reason for e in events if e.outcome == "failed").items())),
+            "transports": dict(sorted(collections.Counter(t for _, t, _ in transports).items())),
+            "transport_fallbacks": sum(1 for _, _, fallback in transports if fallback),
             "healthy": healthy,
             "reason": reason,
             "message": message,

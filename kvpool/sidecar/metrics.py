@@ -41,9 +41,23 @@ class SidecarMetrics:
             "kvpool_sidecar_transfer_failures", "Transfers that could not complete",
             ["side", "reason"], registry=r,
         )
+        self.transports = Counter(
+            "kvpool_sidecar_transport_transfers", "Transfers by the transport of their payloads",
+            ["side", "transport"], registry=r,
+        )
+        self.transport_fallbacks = Counter(
+            "kvpool_sidecar_transport_fallbacks",
+            "Transfers over gRPC although this sidecar prefers NIXL (reason: the peer lacks "
+            "it, or NIXL is unavailable here)", ["side", "reason"], registry=r,
+        )
         self.held = Gauge("kvpool_sidecar_held_transfers", "Transfers held in memory", registry=r)
-        self.held_bytes = Gauge("kvpool_sidecar_held_bytes",
-                                "Bytes of encoded chunks held in memory", registry=r)
+        self.held_bytes = Gauge(
+            "kvpool_sidecar_held_bytes",
+            "Bytes of KV held in memory: encoded chunks and shared-memory segments", registry=r)
+        self.local_chunks = Counter(
+            "kvpool_sidecar_local_chunks",
+            "Decoded chunks handed to the connector, by path: shm (a descriptor of shared "
+            "memory) or bytes (in the message)", ["path"], registry=r)
         self.expired = Counter(
             "kvpool_sidecar_expired_transfers", "Transfers dropped when their lease ran out",
             registry=r,

@@ -8,6 +8,9 @@ ends. Everything is made on entry and removed on exit (also after an error)::
     with netns.Link("100mbit") as link:
         argv = [*link.exec_in("a"), "kvpool", "sidecar", "--peer", f"{link.address('a')}:50051"]
 
+A process that cannot be started under ``ip netns exec`` (a ``multiprocessing`` child)
+joins a namespace itself with :func:`enter`, before it opens any socket.
+
 Needs root, iproute2 (``ip``, ``tc``) and a kernel with network namespaces and veth;
 :func:`unavailable` says why not where they are missing, so that callers skip cleanly.
 This kernel has no ``netem``: latency cannot be added, only the rate limited.
@@ -15,6 +18,8 @@ This kernel has no ``netem``: latency cannot be added, only the rate limited.
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import random
 import re
@@ -31,6 +36,36 @@ _BITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 
 class NetnsUnavailable(RuntimeError):
     """Network namespaces, veth or tc cannot be used here (the message says why)."""
+
+
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_REC, _MS_SLAVE, _MNT_DETACH = 0x4000, 0x80000, 2
+
+
+def enter(namespace: str) -> None:
+    """Move this process into the named network namespace (``ip netns add``) as ``ip
+    netns exec`` does for a new program: the network namespace, then a mount namespace of
+    its own whose ``/sys`` shows that namespace's devices (UCX, for one, finds its network
+    devices there). Call it first thing in a child process, before any thread starts:
+    threads started afterwards inherit both, sockets opened before keep their namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            err = ctypes.get_errno()
+            raise NetnsUnavailable(f"cannot enter network namespace {namespace}: {what}: "
+                                   f"{os.strerror(err)}")
+
+    fd = os.open(f"/var/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        check(libc.setns(fd, _CLONE_NEWNET), "setns")
+    finally:
+        os.close(fd)
+    check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    check(libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None), "mount --make-rslave /")
+    check(libc.umount2(b"/sys", _MNT_DETACH), "umount /sys")
+    check(libc.mount(namespace.encode(), b"/sys", b"sysfs", 0, None), "mount sysfs")
 
 
 def rate_bits(rate: str) -> float:
@@ -86,6 +121,13 @@ class Link:
     def address(self, side: str) -> str:
         """IPv4 address of ``side``'s end of the link."""
         return self.addresses[side]
+
+    def tx_bytes(self, side: str) -> int:
+        """Bytes sent so far by ``side``'s end of the link (its veth device's counter)."""
+        out = subprocess.run(["ip", "-n", self.namespaces[side], "-j", "-s", "link", "show",
+                              "dev", self.devices[side]],
+                             capture_output=True, text=True, check=True).stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
     def __enter__(self) -> Self:
         try:

@@ -3,12 +3,15 @@
 Benchmarks and tests need the two ends of a NIXL transfer in two processes (NIXL between
 two agents of one process would not show what the wire does). :class:`SourceProcess`
 starts one and forwards calls to its :class:`~kvpool.sidecar.transport_nixl.NixlSource`;
-the pipe carries the agent metadata, the chunks to publish and their locations.
+the pipe carries the agent metadata, the chunks to publish and their locations. The
+process can join a network namespace and set UCX's environment before its agent starts
+(``netns``, ``env``): the source on one side of an emulated link.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import traceback
 from multiprocessing.connection import Connection
 from typing import Self
@@ -16,10 +19,15 @@ from typing import Self
 from kvpool.sidecar.transport_nixl import ChunkLocation, TransportError
 
 
-def _serve(conn: Connection, options: dict) -> None:
-    from kvpool.sidecar.transport_nixl import NixlSource
-
+def _serve(conn: Connection, options: dict, namespace: str | None, env: dict[str, str]) -> None:
+    os.environ.update(env)
     try:
+        if namespace:
+            from kvpool.sidecar import netns
+
+            netns.enter(namespace)
+        from kvpool.sidecar.transport_nixl import NixlSource
+
         source = NixlSource(**options)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -68,12 +76,16 @@ def _stream_kv(conn: Connection, source, tokens: int, level: str) -> None:
 
 
 class SourceProcess:
-    """A :class:`NixlSource` in a child process (``options`` are its keyword arguments)."""
+    """A :class:`NixlSource` in a child process (``options`` are its keyword arguments),
+    in network namespace ``netns`` when given, with ``env`` added to its environment
+    (e.g. ``UCX_TLS``) before NIXL loads."""
 
-    def __init__(self, **options) -> None:
+    def __init__(self, *, netns: str | None = None, env: dict[str, str] | None = None,
+                 **options) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, options), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, options, netns, env or {}),
+                                 daemon=True)
         self._proc.start()
         child.close()
         self.name, self.metadata = self._reply(timeout=120)

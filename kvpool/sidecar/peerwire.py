@@ -173,10 +173,14 @@ class PeerStub:
         self.Push = channel.stream_unary(
             f"/{SERVICE}/Push", request_serializer=serialize,
             response_deserializer=pb.PushReply.FromString)  # fmt: skip
+        self.Hello = channel.unary_unary(
+            f"/{SERVICE}/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+            response_deserializer=pb.HelloReply.FromString)  # fmt: skip
 
 
 def handler(servicer) -> grpc.GenericRpcHandler:
-    """The Peer service of ``servicer`` (its ``Pull`` and ``Push``) for ``add_generic_rpc_handlers``."""
+    """The Peer service of ``servicer`` (its ``Pull``, ``Push`` and ``Hello``) for
+    ``add_generic_rpc_handlers``."""
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Pull": grpc.unary_stream_rpc_method_handler(
             servicer.Pull, request_deserializer=pb.PullRequest.FromString,
@@ -184,4 +188,7 @@ def handler(servicer) -> grpc.GenericRpcHandler:
         "Push": grpc.stream_unary_rpc_method_handler(
             servicer.Push, request_deserializer=parse,
             response_serializer=pb.PushReply.SerializeToString),
+        "Hello": grpc.unary_unary_rpc_method_handler(
+            servicer.Hello, request_deserializer=pb.HelloRequest.FromString,
+            response_serializer=pb.HelloReply.SerializeToString),
     })  # fmt: skip

@@ -5,18 +5,24 @@ It serves two gRPC services (kvpool/sidecar/proto/sidecar.proto):
 * ``Local`` on a unix socket, for its vLLM KV connector (kvpool.sidecar.connector):
   ``Put`` takes one layer's KV of a prefill step and encodes it at once (raw or a codec
   level, per chunk), ``Seal`` closes the transfer, ``Load`` streams a transfer's decoded
-  chunks back as they arrive.
+  chunks back as they arrive: as bytes, or, with a connector that maps this sidecar's
+  shared-memory directory (``--shm-dir``, :mod:`kvpool.sidecar.shm`), as descriptors of
+  the regions they were decoded into; ``Release`` gives such a transfer's memory back.
 * ``Peer`` on TCP, for the other sidecars: ``Pull`` streams a transfer held here as it is
   produced; ``Push`` receives one that a prefill sidecar streams here on its own.
 
 Both carry the standard gRPC health service. The Peer service runs over plaintext or
 mutual TLS (``--tls-dir``: a mounted Secret, :mod:`kvpool.sidecar.tls`); chunk payloads
-travel in the gRPC stream or through NIXL (``--transport nixl``). With ``--level
+travel in the gRPC stream or through NIXL (``--transport nixl``: preferred, used with every
+peer that has it too; gRPC with the others). Each sidecar process is an instance (random
+at start) that travels with its transfers: a pull, push or load naming another instance
+is refused (reason ``peer_restarted``) and decode recomputes. With ``--level
 adaptive`` each chunk's level is chosen from the throughput measured on the peer stream and
 the TTFT target (:mod:`kvpool.sidecar.adaptive`). Prometheus metrics and the transfer
 health summary (``/transfer/health``, :mod:`kvpool.sidecar.health`) are served over HTTP;
 logs are one JSON object per line on stderr. Once listening, the sidecar prints one JSON line
-on stdout (``{"event": "ready", "local": ..., "peer": ..., "metrics": ...}``; also written
+on stdout (``{"event": "ready", "local": ..., "peer": ..., "metrics": ..., "instance": ...,
+"transports": [...]}``; also written
 to ``--ready-file``) so that whoever started it learns the ports it picked.
 """
 
@@ -31,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import google_crc32c
@@ -39,13 +45,27 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvpool.sidecar import adaptive, codec, malloc, peerwire, tls
+from kvpool.sidecar import adaptive, codec, malloc, peerwire, shm, tls
 from kvpool.sidecar import health as transfer_health
 from kvpool.sidecar.metrics import SidecarMetrics
 from kvpool.sidecar.proto import sidecar_pb2 as pb
 from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
 from kvpool.sidecar.store import Transfer, TransferFailed, TransferStore
-from kvpool.sidecar.transport import CHANNEL_OPTIONS, GrpcTransport, PeerTransport, TransportError
+from kvpool.sidecar.transport import (
+    CHANNEL_OPTIONS,
+    GRPC,
+    NIXL,
+    PEER_RESTARTED,
+    REASON_KEY,
+    TRANSPORTS,
+    GrpcTransport,
+    PeerRestarted,
+    PeerTransport,
+    TransportError,
+    negotiate,
+    new_instance,
+    refusal_metadata,
+)
 
 log = logging.getLogger("kvpool.sidecar")
 
@@ -70,8 +90,9 @@ class SidecarConfig:
     """Seconds a reader waits for a transfer to complete (also the peer calls' deadline)."""
     codec_threads: int = 2
     """Threads that encode and decode chunks (the codec releases the GIL)."""
-    transport: str = "grpc"
-    """How payloads cross to the peer: ``grpc`` (in the Peer stream) or ``nixl``."""
+    transport: str = GRPC
+    """How payloads should cross to the peer: ``grpc`` (in the Peer stream) or ``nixl``
+    (preferred: used with peers that have NIXL too, gRPC with the others)."""
     tls_dir: str = ""
     """Folder of a mounted Secret with ca.crt, tls.crt, tls.key: mutual TLS on the Peer
     service and channels. Empty: plaintext."""
@@ -85,6 +106,16 @@ class SidecarConfig:
     slots x slot size; a full pool pushes back on the producer)."""
     nixl_slot_bytes: int = 16 << 20
     """NIXL transport: the largest encoded chunk."""
+    shm_dir: str = field(default_factory=shm.default_dir)
+    """Memory-backed directory shared with the connector, where decoded chunks are handed
+    over in place (:mod:`kvpool.sidecar.shm`); ``off`` or empty: bytes over the socket."""
+    shm_max_bytes: int = 1 << 30
+    """The most shared memory held at once (keep it under the directory's size limit);
+    chunks beyond it go as bytes."""
+    profile: str = ""
+    """A codec profile file of the model (``kvpool profile``): lossy chunks of a model of its
+    shape code with it (rate-distortion bins, context tables, no tables in the chunk); the
+    sidecars of a pair need the same one. Empty: chunks carry their own tables."""
 
 
 CANCEL_GRACE_S = 0.5
@@ -94,7 +125,7 @@ for the call's cancellation before it blames the sender for closing early."""
 ADAPTIVE = "adaptive"
 """The level that lets :mod:`kvpool.sidecar.adaptive` pick one per chunk."""
 
-DECODE_RECOMPUTES = ("deadline", "push", "pull")
+DECODE_RECOMPUTES = ("deadline", "push", "pull", PEER_RESTARTED)
 """Reasons a prefill-side transfer failed for which decode recomputes the request (it
 cannot arrive in time, or its reader is gone): the producer's later chunks are accepted
 and dropped, not refused."""
@@ -104,36 +135,65 @@ def checksum(payload: bytes) -> int:
     return google_crc32c.value(payload)
 
 
-def load_reply(chunk: peerwire.Chunk) -> pb.LoadReply:
+def unwanted(transfer: Transfer) -> bool:
+    """Whether a prefill-side transfer failed in a way that makes decode recompute it: its
+    producer's later chunks are accepted and dropped."""
+    return transfer.error is not None and transfer.error.reason in DECODE_RECOMPUTES
+
+
+async def refuse_restarted(context: grpc.aio.ServicerContext, message: str) -> None:
+    """End a call that names another instance of a sidecar (raises, as ``abort`` does)."""
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{PEER_RESTARTED}: {message}",
+                        trailing_metadata=refusal_metadata())
+
+
+def load_reply(chunk: peerwire.Chunk, profile=None) -> pb.LoadReply:
     """One encoded chunk decoded into the reply ``Load`` sends its connector (built in a
     codec thread: the copies stay off the event loop)."""
-    reply = pb.LoadReply(chunk=codec.decode(chunk.payload, chunk.level))
+    reply = pb.LoadReply(chunk=codec.decode(chunk.payload, chunk.level, profile))
     reply.chunk.key.CopyFrom(chunk.key)
     return reply
+
+
+def shared_reply(segment: shm.Segment, offset: int, chunk: peerwire.Chunk,
+                 profile=None) -> pb.LoadReply:
+    """One encoded chunk decoded into its region of a shared-memory segment, and the
+    descriptor ``Load`` sends in its place (as bytes when the directory is full)."""
+    try:
+        dtype, width = segment.write(offset, chunk.raw_bytes, lambda region: codec.decode_into(
+            chunk.payload, chunk.level, region, profile))
+    except shm.ShmFull:
+        return load_reply(chunk, profile)
+    return pb.LoadReply(shared=pb.SharedChunk(
+        key=chunk.key, dtype=dtype, width=width, segment=segment.name, offset=offset,
+        length=chunk.raw_bytes))
 
 
 class Sidecar:
     """One sidecar: its transfers, its two gRPC servers and its metrics."""
 
-    def __init__(self, config: SidecarConfig, transport: PeerTransport | None = None) -> None:
+    def __init__(self, config: SidecarConfig) -> None:
         if config.level != ADAPTIVE:
             codec.check_level(config.level)
-        if config.transport not in ("grpc", "nixl"):
+        if config.transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {config.transport!r}: grpc or nixl")
         self.config = config
+        self.instance = new_instance()
+        self.profile = codec.load_profile(config.profile) if config.profile else None
         self.tls = tls.load_bundle(config.tls_dir) if config.tls_dir else None
-        credentials = tls.channel_credentials(self.tls) if self.tls else None
-        if transport is None and config.transport == "nixl":
-            from kvpool.sidecar.transport_nixl import NixlPeerTransport
-
-            transport = NixlPeerTransport(
-                credentials, slots=config.nixl_slots, slot_bytes=config.nixl_slot_bytes,
-                lease_s=config.lease_s, timeout_s=config.transfer_timeout_s)
-        self.transport = transport or GrpcTransport(credentials)
+        self.grpc = GrpcTransport(tls.channel_credentials(self.tls) if self.tls else None)
+        self.nixl = self._start_nixl() if config.transport == NIXL else None
+        self.transports = (GRPC, NIXL) if self.nixl is not None else (GRPC,)
+        """Payload transports this sidecar can use (advertised to its peers)."""
+        self._fell_back: set[tuple[str, str]] = set()
         self.store = TransferStore(config.lease_s)
         self.metrics = SidecarMetrics()
         self.metrics.held.set_function(lambda: len(self.store))
-        self.metrics.held_bytes.set_function(lambda: self.store.held_bytes)
+        self.metrics.held_bytes.set_function(
+            lambda: self.store.held_bytes + (self.shm.held_bytes if self.shm is not None else 0))
+        self.shm: shm.SegmentDir | None = None
+        self._reader_maps = True
+        """Whether the connector maps shared memory (its last Load said so; assumed at first)."""
         self.health = transfer_health.TransferHealth(role="sidecar", registry=self.metrics.registry)
         self.policy: adaptive.LevelPolicy | None = None
         self._layers: dict[str, int] = {}
@@ -147,11 +207,26 @@ class Sidecar:
         self.peer_address = ""
         self.metrics_address = ""
 
+    def _start_nixl(self) -> PeerTransport | None:
+        """NIXL endpoints for ``--transport nixl``, or None (logged) when NIXL cannot run
+        here: this sidecar then advertises gRPC only, and its transfers take gRPC."""
+        c = self.config
+        try:
+            from kvpool.sidecar.transport_nixl import NixlPeerTransport
+
+            return NixlPeerTransport(self.grpc, slots=c.nixl_slots, slot_bytes=c.nixl_slot_bytes,
+                                     lease_s=c.lease_s, timeout_s=c.transfer_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - ImportError, TransportError, NIXL's own
+            log.warning("NIXL unavailable: this sidecar moves payloads over gRPC only",
+                        extra={"error": f"{type(exc).__name__}: {exc}"})
+            return None
+
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> dict[str, str]:
         """Listen on every address; returns where (``local``, ``peer``, ``metrics``)."""
         malloc.tune()  # chunks are MiB-sized: reuse their memory instead of faulting it in
+        self._open_shm()
         options = CHANNEL_OPTIONS
         health_servicer = health.aio.HealthServicer()
         local = grpc.aio.server(options=options)
@@ -187,16 +262,32 @@ class Sidecar:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._spawn(self._expire_forever())
         return {"local": self.config.local, "peer": self.peer_address,
-                "metrics": self.metrics_address}
+                "metrics": self.metrics_address, "instance": self.instance}
 
     async def stop(self, grace: float = 1.0) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
-        await self.transport.close()
+        await self.grpc.close()
+        if self.nixl is not None:
+            await self.nixl.close()
         if self._metrics_server is not None:
             await self._metrics_server.cleanup()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+
+    def _open_shm(self) -> None:
+        """Set up the shared-memory directory, or go without it (with a warning)."""
+        directory = self.config.shm_dir
+        if not shm.enabled(directory):
+            return
+        try:
+            self.shm = shm.SegmentDir(directory, self.config.shm_max_bytes, self.config.lease_s)
+        except OSError as exc:
+            log.warning("no shared memory with the connector: chunks go over the socket",
+                        extra={"shm_dir": directory, "error": str(exc)})
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -211,6 +302,11 @@ class Sidecar:
                 self.metrics.expired.inc(len(gone))
                 for transfer in gone:
                     log.info("lease expired", extra={"transfer": transfer.transfer_id})
+            if self.shm is not None:
+                for segment in self.shm.expire():
+                    log.info("shared-memory segment expired unreleased",
+                             extra={"transfer": segment.transfer_id, "bytes": segment.size})
+                self.shm.sweep_put_buffers()
             await asyncio.sleep(min(1.0, self.config.lease_s / 4))
 
     # ---- work shared by the services ------------------------------------------------------
@@ -272,6 +368,46 @@ class Sidecar:
                     len(message.chunk.payload) or len(message.chunk.nixl_location),
                     time.perf_counter() - start)
 
+    # ---- transports and instances --------------------------------------------------------
+
+    def chose(self, side: str, transport: str, peer: str, peer_instance: str) -> None:
+        """Count the payload transport of one transfer. A sidecar that prefers NIXL and
+        got gRPC counts a fallback, and logs it once per peer instance."""
+        self.metrics.transports.labels(side, transport).inc()
+        fallback = self.config.transport == NIXL and transport == GRPC
+        self.health.transport(transport, fallback=fallback)
+        if not fallback:
+            return
+        reason = "peer_lacks_nixl" if self.nixl is not None else "nixl_unavailable"
+        self.metrics.transport_fallbacks.labels(side, reason).inc()
+        if (peer, peer_instance) not in self._fell_back:
+            self._fell_back.add((peer, peer_instance))
+            log.warning("transport fallback: gRPC instead of NIXL", extra={
+                "peer": peer, "peer_instance": peer_instance, "reason": reason})
+
+    def sending(self, transport: str):
+        """The hook that puts a transfer's payloads on a stream of ``transport``."""
+        return self.nixl.outgoing if transport == NIXL else self.grpc.outgoing
+
+    async def incoming(self, message: peerwire.Message) -> peerwire.Message:
+        """A received message with its payload in place (read through NIXL when the
+        chunk says where it lies)."""
+        if self.nixl is not None:
+            return await self.nixl.incoming(message)
+        if message.chunk is not None and message.chunk.nixl_location:
+            raise TransportError("the peer sent a chunk through NIXL; this sidecar has no NIXL")
+        return message
+
+    async def stamped(self, messages, transport: str, receiver: str = ""):
+        """A transfer's stream whose header names this instance, the payload transport
+        and (pushes) the receiver's instance."""
+        async for message in messages:
+            if message.header is not None:
+                message.header.instance = self.instance
+                message.header.transport = transport
+                message.header.receiver_instance = receiver
+            yield message
+
     def start_push(self, transfer: Transfer, peer: str) -> None:
         """Stream ``transfer`` to ``peer`` as it is produced (once per transfer; never a
         transfer that has failed, e.g. whose push failed already)."""
@@ -282,17 +418,23 @@ class Sidecar:
 
     async def _push(self, transfer: Transfer, peer: str) -> None:
         timeout = self.config.transfer_timeout_s
-        messages = transfer.messages(timeout, end_on_failure=True)
         try:
-            chunks = await self.transport.push(peer, self.measured(messages), timeout=timeout)
+            hello = await self.grpc.hello(peer, timeout=timeout)
+            chosen = negotiate(self.transports, hello.transports)
+            self.chose("prefill", chosen, peer, hello.instance)
+            messages = self.stamped(transfer.messages(timeout, end_on_failure=True), chosen,
+                                    receiver=hello.instance)
+            chunks = await self.grpc.push(peer, self.sending(chosen)(self.measured(messages)),
+                                          timeout=timeout)
             if transfer.error is not None:  # the stream ended with a failed end
                 raise transfer.error
         except (TransportError, TransferFailed) as exc:
             # Decode recomputes (or is gone): what is held here is of no use any more.
-            transfer.fail("push", f"the push to {peer} failed: {exc}")
-            self.metrics.failures.labels("prefill", "push").inc()
+            reason = PEER_RESTARTED if isinstance(exc, PeerRestarted) else "push"
+            transfer.fail(reason, f"the push to {peer} failed: {exc}")
+            self.metrics.failures.labels("prefill", reason).inc()
             log.warning("push failed", extra={"transfer": transfer.transfer_id, "peer": peer,
-                                              "error": str(exc)})
+                                              "reason": reason, "error": str(exc)})
         else:
             self.metrics.wire_bytes.labels("sent").inc(transfer.wire_bytes)
             log.info("pushed", extra={"transfer": transfer.transfer_id, "peer": peer,
@@ -300,12 +442,19 @@ class Sidecar:
         finally:
             self._pushing.discard(transfer.transfer_id)
 
-    def receive(self, transfer: Transfer, message: peerwire.Message) -> None:
-        """Add one message from a peer stream to ``transfer``, checking chunk checksums."""
+    def receive(self, transfer: Transfer, message: peerwire.Message, peer: str) -> None:
+        """Add one message from the stream of ``peer`` to ``transfer``, checking its
+        header's instance and chunk checksums."""
         kind = message.kind
         if kind == "header":
-            if message.header.transfer_id != transfer.transfer_id:
-                transfer.fail("peer", f"stream carries transfer {message.header.transfer_id}")
+            header = message.header
+            if header.transfer_id != transfer.transfer_id:
+                transfer.fail("peer", f"stream carries transfer {header.transfer_id}")
+            elif not transfer.claim_peer(header.instance):
+                transfer.fail(PEER_RESTARTED, f"{peer} is sidecar instance {header.instance}, "
+                              f"the transfer is of instance {transfer.peer_instance}")
+            else:
+                self.chose("decode", header.transport or GRPC, peer, header.instance)
         elif kind == "chunk":
             chunk = message.chunk
             if checksum(chunk.payload) != chunk.crc32c:
@@ -322,7 +471,7 @@ class Sidecar:
         """Start decoding a received chunk at once, in the codec threads: the reader
         (``Load``, once decode asks for the KV) then finds its reply ready, and decoding
         overlaps the transfer instead of following it."""
-        future = asyncio.ensure_future(self.run_codec("decode", load_reply, chunk))
+        future = asyncio.ensure_future(self.decode(transfer, chunk))
         # a transfer that fails or is dropped unread leaves its decodings unawaited
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         transfer.decoded[index] = future
@@ -334,19 +483,38 @@ class Sidecar:
         future = transfer.decoded.pop(index, None)
         if future is not None:
             return await future
-        return await self.run_codec("decode", load_reply, chunk)
+        return await self.decode(transfer, chunk)
+
+    async def decode(self, transfer: Transfer, chunk: peerwire.Chunk) -> pb.LoadReply:
+        """Decode a chunk for Load: into the transfer's shared-memory segment while the
+        connector maps them (the region is reserved here, in order), else as bytes."""
+        if (self.shm is not None and self._reader_maps and chunk.raw_bytes
+                and transfer.error is None):
+            try:
+                if transfer.segment is None:
+                    transfer.segment = self.shm.create(transfer.transfer_id)
+                offset = transfer.segment.reserve(chunk.raw_bytes)
+            except (shm.ShmFull, OSError) as exc:
+                log.debug("chunk goes as bytes", extra={"transfer": transfer.transfer_id,
+                                                        "reason": str(exc)})
+            else:
+                return await self.run_codec("decode", shared_reply, transfer.segment, offset,
+                                            chunk, self.profile)
+        return await self.run_codec("decode", load_reply, chunk, self.profile)
 
     async def pull(self, transfer: Transfer, peer: str) -> None:
         """Fill ``transfer`` from the sidecar at ``peer``."""
+        request = pb.PullRequest(transfer_id=transfer.transfer_id, model=transfer.model,
+                                 instance=transfer.peer_instance, transports=self.transports)
         try:
-            async for message in self.transport.pull(
-                peer, transfer.transfer_id, transfer.model,
-                timeout=self.config.transfer_timeout_s,
-            ):
-                self.receive(transfer, message)
+            async for message in self.grpc.pull(
+                    peer, request, timeout=self.config.transfer_timeout_s):
+                self.receive(transfer, await self.incoming(message), peer)
                 if transfer.done:
                     break
             transfer.fail("peer", f"the stream from {peer} ended early")
+        except PeerRestarted as exc:
+            transfer.fail(PEER_RESTARTED, str(exc))
         except TransportError as exc:
             transfer.fail("timeout" if isinstance(exc, TimeoutError) else "peer", str(exc))
         except TransferFailed as exc:  # a chunk arrived after the transfer closed
@@ -361,15 +529,29 @@ class LocalService(pb_grpc.LocalServicer):
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         s = self.sidecar
-        return pb.InfoReply(peer=s.peer_address, level=s.config.level, levels=codec.levels())
+        return pb.InfoReply(peer=s.peer_address, level=s.config.level, levels=codec.levels(),
+                            instance=s.instance, transports=s.transports,
+                            **(s.shm.info() if s.shm is not None else {}))
+
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseReply:
+        s = self.sidecar
+        return pb.ReleaseReply(bytes=s.shm.release(request.transfer_id) if s.shm is not None else 0)
 
     async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutReply:
         s = self.sidecar
         level = request.level or s.config.level
+        raw = request.chunk
+        if request.HasField("shared"):
+            if s.shm is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "this sidecar has no shared memory: send the bytes")
+            try:
+                raw = await s.run_codec("read", s.shm.read_put, request.shared)
+            except shm.ShmError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         try:
             transfer = s.store.open(request.transfer_id, request.model)
-            raw = request.chunk
-            if transfer.error is not None and transfer.error.reason in DECODE_RECOMPUTES:
+            if unwanted(transfer):
                 return pb.PutReply(wire_bytes=0)  # the rest is not wanted: dropped
             if level == ADAPTIVE:
                 level = await s.choose_level(transfer, raw)
@@ -382,11 +564,13 @@ class LocalService(pb_grpc.LocalServicer):
                     return pb.PutReply(wire_bytes=0)
             codec.check_level(level)
             payload = await s.run_codec("encode", codec.encode, raw, level,
-                                             request.num_layers)
+                                             request.num_layers, s.profile)
             if level != codec.RAW and len(payload) >= len(raw.keys) + len(raw.values):
                 # Too few tokens for the codec to pay (its exact first rows and tables):
                 # the chunk goes as it is; the decode side reads each chunk's own level.
                 level, payload = codec.RAW, codec.encode(raw, codec.RAW)
+            if unwanted(transfer):  # it failed while this chunk was encoded
+                return pb.PutReply(wire_bytes=0)
             key = pb.ChunkKey()
             key.CopyFrom(raw.key)  # not a view: it would keep the whole request alive
             transfer.add(peerwire.Chunk(
@@ -434,12 +618,20 @@ class LocalService(pb_grpc.LocalServicer):
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"no transfer {request.transfer_id} and no peer to pull from")
                 transfer = s.store.open(request.transfer_id, request.model)
+                transfer.claim_peer(request.peer_instance)
                 if not request.expect_push:
                     s._spawn(s.pull(transfer, request.peer))
+            elif not transfer.claim_peer(request.peer_instance):
+                transfer.fail(PEER_RESTARTED, f"it came from sidecar instance "
+                              f"{transfer.peer_instance}, the request names instance "
+                              f"{request.peer_instance}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         start = time.perf_counter()
         index = -1
+        delivered = False
+        if s.shm is not None:
+            s._reader_maps = request.shared_memory
         try:
             async for item in transfer.follow(s.config.transfer_timeout_s):
                 index += 1
@@ -447,16 +639,24 @@ class LocalService(pb_grpc.LocalServicer):
                     # Counted before the last reply: the connector hangs up as soon as it
                     # has it, which may close this stream at the yield.
                     s.loaded(transfer, request.transfer_id, start)
+                    delivered = True
                     yield pb.LoadReply(end=item)
                     break
                 if item.key.token_end <= request.first_token:
                     transfer.decoded.pop(index, None)
                     continue
                 reply = await s.load_reply(transfer, index, item)
+                if reply.WhichOneof("item") == "shared" and not request.shared_memory:
+                    if transfer.segment is None:
+                        raise TransferFailed("dropped", "its shared memory was released")
+                    reply = pb.LoadReply(chunk=shm.read_back(transfer.segment, reply.shared))
+                path = "shm" if reply.WhichOneof("item") == "shared" else "bytes"
+                nbytes = (reply.shared.length if path == "shm"
+                          else len(reply.chunk.keys) + len(reply.chunk.values))
                 s.health.chunk(item.level)
                 s.metrics.chunks.labels("decoded", item.level).inc()
-                s.metrics.raw_bytes.labels("decoded").inc(
-                    len(reply.chunk.keys) + len(reply.chunk.values))
+                s.metrics.local_chunks.labels(path).inc()
+                s.metrics.raw_bytes.labels("decoded").inc(nbytes)
                 yield reply
         except (TransferFailed, codec.ChunkCodecError) as exc:
             reason = exc.reason if isinstance(exc, TransferFailed) else "codec"
@@ -465,8 +665,12 @@ class LocalService(pb_grpc.LocalServicer):
             s.health.transfer_failed(reason)
             log.warning("load failed", extra={"transfer": request.transfer_id,
                                               "reason": reason, "error": str(exc)})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{reason}: {exc}",
+                                trailing_metadata=((REASON_KEY, reason),))
         finally:
+            if delivered and request.shared_memory:
+                # The connector still reads the segment: it goes on Release, or at its lease.
+                transfer.segment = None
             s.store.drop(request.transfer_id)
 
 
@@ -476,8 +680,18 @@ class PeerService(pb_grpc.PeerServicer):
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
 
+    async def Hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
+        s = self.sidecar
+        return pb.HelloReply(instance=s.instance, transports=s.transports)
+
     async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext):
         s = self.sidecar
+        if request.instance and request.instance != s.instance:
+            s.metrics.failures.labels("prefill", PEER_RESTARTED).inc()
+            await refuse_restarted(context, (
+                f"transfer {request.transfer_id} was held by sidecar instance "
+                f"{request.instance}; this is instance {s.instance} at that address (the "
+                "sidecar restarted): nothing of it is here"))
         transfer = s.store.get(request.transfer_id)
         if transfer is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -485,10 +699,12 @@ class PeerService(pb_grpc.PeerServicer):
         if request.model and transfer.model != request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transfer {request.transfer_id} is of model {transfer.model!r}")
+        chosen = negotiate(s.transports, request.transports)
+        s.chose("prefill", chosen, context.peer(), "")
+        messages = s.stamped(transfer.messages(s.config.transfer_timeout_s), chosen)
         settled = False  # the end went out, or the failure was reported
         try:
-            async for message in s.transport.outgoing(
-                    s.measured(transfer.messages(s.config.transfer_timeout_s))):
+            async for message in s.sending(chosen)(s.measured(messages)):
                 if message.chunk is not None:
                     s.metrics.wire_bytes.labels("sent").inc(len(message.chunk.payload))
                 settled = message.end is not None
@@ -511,16 +727,13 @@ class PeerService(pb_grpc.PeerServicer):
         try:
             async for message in request_iterator:
                 if transfer is None:
-                    if message.header is None:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            "a pushed stream starts with its header")
-                    transfer = s.store.open(message.header.transfer_id, message.header.model)
+                    transfer = await self._pushed(message, context)
                 try:
-                    message = await s.transport.incoming(message)
+                    message = await s.incoming(message)
                 except TransportError as exc:
                     transfer.fail("peer", str(exc))
                     continue
-                s.receive(transfer, message)
+                s.receive(transfer, message, context.peer())
             if transfer is not None and not transfer.done:
                 # A call the sender cancelled (its deadline, its channel closed, its
                 # process gone) ends the request stream here like a close does, and
@@ -537,6 +750,29 @@ class PeerService(pb_grpc.PeerServicer):
                 transfer.fail("peer", f"the pushed stream broke: {exc}")
             raise
         return pb.PushReply(chunks=len(transfer.chunks) if transfer else 0)
+
+    async def _pushed(self, message: peerwire.Message, context) -> Transfer:
+        """The transfer a pushed stream's first message opens; refuses (and fails the
+        transfer waiting here) a stream meant for, or from, another sidecar instance."""
+        s = self.sidecar
+        header = message.header
+        if header is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "a pushed stream starts with its header")
+        if header.receiver_instance and header.receiver_instance != s.instance:
+            problem = (f"the push of transfer {header.transfer_id} is for sidecar instance "
+                       f"{header.receiver_instance}; this is instance {s.instance} (restarted)")
+            waiting = s.store.get(header.transfer_id)
+            if waiting is not None:
+                waiting.fail(PEER_RESTARTED, problem)
+            await refuse_restarted(context, problem)
+        transfer = s.store.open(header.transfer_id, header.model)
+        if not transfer.claim_peer(header.instance):
+            problem = (f"transfer {header.transfer_id} is wanted from sidecar instance "
+                       f"{transfer.peer_instance}; the pusher is instance {header.instance}")
+            transfer.fail(PEER_RESTARTED, problem)
+            await refuse_restarted(context, problem)
+        return transfer
 
 
 # ---- command line ----------------------------------------------------------------------
@@ -572,8 +808,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", default=d.level, choices=(*codec.levels(), ADAPTIVE),
                         help="level of chunks whose connector names none "
                              "(adaptive: chosen per chunk from the measured throughput)")
-    parser.add_argument("--transport", default=d.transport, choices=("grpc", "nixl"),
-                        help="how chunk payloads cross to the peer sidecar")
+    parser.add_argument("--transport", default=d.transport, choices=TRANSPORTS,
+                        help="how chunk payloads should cross to the peer sidecar (nixl: "
+                             "with peers that have NIXL too, gRPC with the others)")
     parser.add_argument("--tls-dir", default=d.tls_dir,
                         help="folder with ca.crt, tls.crt, tls.key: mutual TLS between sidecars")
     parser.add_argument("--ttft-target-ms", type=float, default=d.ttft_target_s * 1e3,
@@ -590,6 +827,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         dest="transfer_timeout_s",
                         help="seconds to wait for a transfer to complete")
     parser.add_argument("--codec-threads", type=int, default=d.codec_threads)
+    parser.add_argument("--shm-dir", default=d.shm_dir,
+                        help="memory-backed directory shared with the connector, for decoded "
+                             f"chunks (default ${shm.ENV_DIR} or {shm.DEFAULT_DIR}; 'off': none)")
+    parser.add_argument("--shm-max-mb", type=float, default=d.shm_max_bytes / 2**20,
+                        help="the most shared memory held at once (under the directory's limit)")
+    parser.add_argument("--profile", default=d.profile, metavar="FILE",
+                        help="codec profile of the model (kvpool profile) for lossy chunks; "
+                             "both sidecars of a pair need the same one")
     parser.add_argument("--ready-file", help="also write the ready line to this file")
     parser.add_argument("--log-level", default="info")
 
@@ -597,7 +842,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 async def serve(config: SidecarConfig, ready_file: str | None = None) -> None:
     sidecar = Sidecar(config)
     endpoints = await sidecar.start()
-    line = json.dumps({"event": "ready", "pid": os.getpid(), **endpoints})
+    line = json.dumps({"event": "ready", "pid": os.getpid(), **endpoints,
+                       "transports": list(sidecar.transports)})
     if ready_file:
         tmp = Path(f"{ready_file}.tmp")
         tmp.write_text(line + "\n")
@@ -623,6 +869,12 @@ def run(args: argparse.Namespace) -> int:
         codec_threads=args.codec_threads, transport=args.transport, tls_dir=args.tls_dir,
         ttft_target_s=args.ttft_target_ms / 1e3, decode_reserve_s=args.decode_reserve_ms / 1e3,
         nixl_slots=args.nixl_slots, nixl_slot_bytes=int(args.nixl_slot_mb * 2**20),
+        shm_dir=args.shm_dir, shm_max_bytes=int(args.shm_max_mb * 2**20),
+        profile=args.profile,
     )
-    asyncio.run(serve(config, args.ready_file))
+    try:
+        asyncio.run(serve(config, args.ready_file))
+    except codec.ChunkCodecError as exc:  # a profile that cannot be used
+        print(f"kvpool sidecar: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -12,15 +12,20 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvpool.sidecar.peerwire import Chunk, Message
 from kvpool.sidecar.proto import sidecar_pb2 as pb
+
+if TYPE_CHECKING:
+    from kvpool.sidecar.shm import Segment
 
 
 class TransferFailed(RuntimeError):
     """The transfer cannot complete (producer gave up, peer stream broke, lease ran out).
 
-    ``reason`` is a short label for metrics: producer, peer, checksum, timeout, expired."""
+    ``reason`` is a short label for metrics: producer, peer, peer_restarted, checksum,
+    timeout, expired."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -39,14 +44,28 @@ class Transfer:
     raw_bytes: int = 0
     wire_bytes: int = 0
     created_at: float = field(default_factory=time.monotonic)
+    peer_instance: str = ""
+    """Receiving side: the instance of the sidecar it comes from (named by the request's
+    Load, or by the first stream that brought it); empty while unknown."""
     decoded: dict[int, asyncio.Future] = field(default_factory=dict)
     """Receiving side: chunk index -> its decoding into a Load reply, started as the chunk
     arrived (so that a reader finds it decoded instead of decoding it on the critical path)."""
+    segment: Segment | None = None
+    """Receiving side: the shared-memory segment its chunks are decoded into, if any."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def done(self) -> bool:
         return self.end is not None or self.error is not None
+
+    def claim_peer(self, instance: str) -> bool:
+        """Whether this transfer may come from sidecar ``instance`` (empty: not said): the
+        first instance named sticks, and another one is refused."""
+        if not instance:
+            return True
+        if not self.peer_instance:
+            self.peer_instance = instance
+        return self.peer_instance == instance
 
     def _notify(self) -> None:
         self._changed.set()
@@ -71,15 +90,24 @@ class Transfer:
 
     def fail(self, reason: str, message: str) -> None:
         """Close the transfer as failed and let go of its chunks at once: nobody can use
-        them any more (a reader gets the error), so memory does not wait for the lease."""
+        them any more (a reader gets the error), so memory does not wait for the lease.
+        A transfer already closed is left as it is."""
         if self.done:
             return
+        self.release_segment()
         self.error = TransferFailed(reason, f"transfer {self.transfer_id}: {message}")
         self.chunks = []
         for future in self.decoded.values():
             future.cancel()
         self.decoded = {}
         self._notify()
+
+    def release_segment(self) -> None:
+        """Remove its shared-memory segment, if any (a reader that still maps it took it
+        off the transfer first)."""
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
 
     @property
     def held_bytes(self) -> int:
@@ -169,6 +197,7 @@ class TransferStore:
         transfer = self._transfers.pop(transfer_id, None)
         if transfer is not None:
             transfer.fail("dropped", "dropped")
+            transfer.release_segment()
 
     def expire(self, now: float | None = None) -> list[Transfer]:
         """Drop every transfer past its lease; returns them."""
@@ -177,6 +206,7 @@ class TransferStore:
         for transfer in gone:
             del self._transfers[transfer.transfer_id]
             transfer.fail("expired", "lease expired")
+            transfer.release_segment()
         return gone
 
     @property

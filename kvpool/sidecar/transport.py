@@ -8,13 +8,22 @@ each call carries a deadline, and each chunk a CRC-32C of its payload (checked b
 receiving sidecar), over plaintext or mutual TLS (:mod:`kvpool.sidecar.tls`). Other
 transports (NIXL: :mod:`kvpool.sidecar.transport_nixl`) keep the stream for control and
 move payloads their own way, through the ``outgoing`` and ``incoming`` hooks.
+
+Which transport a pair of sidecars uses is negotiated per transfer (:func:`negotiate`):
+each sidecar advertises what it can use (``Info``, ``Hello``, the pull request and the
+stream's header), and NIXL is chosen only when both ends have it; anything else is gRPC.
+Each sidecar process is an *instance* (:func:`new_instance`, random at start): a pull,
+push or load that names another instance of a sidecar is refused with
+``FAILED_PRECONDITION`` and the trailing metadata ``kvpool-reason: peer_restarted``, which
+the requesting side raises as :class:`PeerRestarted`.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
@@ -33,6 +42,28 @@ CHANNEL_OPTIONS = (
 )
 
 
+GRPC = "grpc"
+NIXL = "nixl"
+TRANSPORTS = (GRPC, NIXL)
+
+PEER_RESTARTED = "peer_restarted"
+"""Failure reason (metrics, health) of a transfer held by, or meant for, another instance
+of a sidecar: the process at that address restarted since the transfer was named."""
+REASON_KEY = "kvpool-reason"
+"""Trailing metadata key of a refusal's reason."""
+
+
+def new_instance() -> str:
+    """A sidecar process's instance id: random, so a restart at the same address is new."""
+    return uuid.uuid4().hex[:12]
+
+
+def negotiate(ours: Iterable[str], theirs: Iterable[str]) -> str:
+    """The payload transport of a pair: NIXL when both ends can use it, else gRPC (every
+    sidecar speaks gRPC; an empty list is an older sidecar: gRPC only)."""
+    return NIXL if NIXL in set(ours) and NIXL in set(theirs) else GRPC
+
+
 def _current_task_cancelling() -> bool:
     """Whether this task itself is being cancelled (not just a call it awaited)."""
     task = asyncio.current_task()
@@ -47,8 +78,31 @@ class TransportTimeout(TransportError, TimeoutError):
     """The peer did not answer or finish within the call's deadline (a starved link)."""
 
 
+class PeerRestarted(TransportError):
+    """The peer refused the call: it is (or the transfer is of) another instance of a
+    sidecar than the one named; the state named is gone."""
+
+
+def refusal_metadata() -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of a call refused because it names another instance."""
+    return ((REASON_KEY, PEER_RESTARTED),)
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a call that never started has none
+        return ""
+    return next((str(v) for k, v in metadata if k == REASON_KEY), "")
+
+
 def _error(what: str, exc: grpc.aio.AioRpcError) -> TransportError:
-    kind = TransportTimeout if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else TransportError
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        kind = TransportTimeout
+    elif exc.code() == grpc.StatusCode.FAILED_PRECONDITION and _reason(exc) == PEER_RESTARTED:
+        kind = PeerRestarted
+    else:
+        kind = TransportError
     return kind(f"{what}: {exc.code().name}: {exc.details()}")
 
 
@@ -57,9 +111,10 @@ class PeerTransport(abc.ABC):
 
     @abc.abstractmethod
     def pull(
-        self, peer: str, transfer_id: str, model: str, *, timeout: float
+        self, peer: str, request: pb.PullRequest, *, timeout: float
     ) -> AsyncIterator[Message]:
-        """The transfer held by ``peer``, as it is produced: header, chunks, end."""
+        """The transfer ``request`` names, held by ``peer``, as it is produced: header,
+        chunks, end."""
 
     @abc.abstractmethod
     async def push(
@@ -109,12 +164,17 @@ class GrpcTransport(PeerTransport):
             self._channels[peer] = channel
         return PeerStub(channel)
 
+    async def hello(self, peer: str, *, timeout: float) -> pb.HelloReply:
+        """``peer``'s instance and transports."""
+        try:
+            return await self._stub(peer).Hello(pb.HelloRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(f"hello to {peer}", exc) from exc
+
     async def pull(
-        self, peer: str, transfer_id: str, model: str, *, timeout: float
+        self, peer: str, request: pb.PullRequest, *, timeout: float
     ) -> AsyncIterator[Message]:
-        call = self._stub(peer).Pull(
-            pb.PullRequest(transfer_id=transfer_id, model=model), timeout=timeout
-        )
+        call = self._stub(peer).Pull(request, timeout=timeout)
         try:
             async for message in call:
                 yield message

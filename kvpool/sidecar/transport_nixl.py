@@ -424,24 +424,32 @@ class NixlSink(_Endpoint):
             raise TransportError(f"READ from {loc.agent} failed: {exc}") from exc
 
 
-class NixlPeerTransport(transport.GrpcTransport):
-    """The sidecar's ``--transport nixl``: the Peer gRPC stream carries the control
-    messages (and each chunk's location), NIXL moves the payloads.
+class NixlPeerTransport(transport.PeerTransport):
+    """The payloads of a sidecar's transfers through NIXL; the Peer gRPC stream of
+    ``carrier`` (the sidecar's :class:`~kvpool.sidecar.transport.GrpcTransport`) carries
+    the control messages and each chunk's location.
 
     The sending sidecar publishes each payload into its :class:`NixlSource` and puts the
     location on the stream instead; the header carries its agent metadata once per stream.
     The receiving sidecar loads that metadata (once per agent), pulls the payload into its
     :class:`NixlSink` and hands the message on with the payload filled in, so the rest of
-    the sidecar (CRC check, decode) does not know which transport ran. Both sidecars of a
-    pool use the same transport (the pool's ``transfer.transport``).
+    the sidecar (CRC check, decode) does not know which transport ran. A stream whose
+    chunks carry payloads passes ``incoming`` unchanged: which transport a transfer takes
+    is negotiated by the two sidecars (:func:`kvpool.sidecar.transport.negotiate`).
     """
 
-    def __init__(self, credentials=None, *, slots: int = 64, slot_bytes: int = 16 << 20,
-                 device: str = "cpu", lease_s: float = 120.0, timeout_s: float = 30.0) -> None:
-        super().__init__(credentials)
+    def __init__(self, carrier: transport.GrpcTransport | None = None, *, slots: int = 64,
+                 slot_bytes: int = 16 << 20, device: str = "cpu", lease_s: float = 120.0,
+                 timeout_s: float = 30.0) -> None:
+        self._owns_carrier = carrier is None
+        self.carrier = carrier or transport.GrpcTransport()
         self.source = NixlSource("kvpool-prefill", slots=slots, slot_bytes=slot_bytes,
                                  device=device, lease_s=lease_s)
-        self.sink = NixlSink("kvpool-decode", slots=4, slot_bytes=slot_bytes, device=device)
+        try:
+            self.sink = NixlSink("kvpool-decode", slots=4, slot_bytes=slot_bytes, device=device)
+        except BaseException:
+            self.source.close()
+            raise
         self.timeout_s = timeout_s
         self._metadata = self.source.metadata()
         self._agents: dict[bytes, str] = {}
@@ -487,14 +495,15 @@ class NixlPeerTransport(transport.GrpcTransport):
             message.chunk.nixl_location = b""
         return message
 
-    async def pull(self, peer, transfer_id, model, *, timeout):
-        async for message in super().pull(peer, transfer_id, model, timeout=timeout):
+    async def pull(self, peer, request, *, timeout):
+        async for message in self.carrier.pull(peer, request, timeout=timeout):
             yield await self.incoming(message)
 
     async def push(self, peer, messages, *, timeout):
-        return await super().push(peer, self.outgoing(messages), timeout=timeout)
+        return await self.carrier.push(peer, self.outgoing(messages), timeout=timeout)
 
     async def close(self) -> None:
-        await super().close()
+        if self._owns_carrier:
+            await self.carrier.close()
         self.source.close()
         self.sink.close()

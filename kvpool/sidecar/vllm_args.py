@@ -36,6 +36,7 @@ def kv_transfer_config(
     level: str = "",
     failure_policy: str = "recompute",
     load_timeout_s: float = 30.0,
+    shm_dir: str = "",
 ) -> dict[str, Any]:
     """vLLM's ``--kv-transfer-config`` (as a dict; pass it through ``json.dumps``).
 
@@ -43,10 +44,14 @@ def kv_transfer_config(
     ``kv_producer`` (prefill only) or ``kv_consumer`` (decode only). ``level``: level of
     this engine's chunks (empty: the sidecar's ``--level``). ``failure_policy``:
     ``recompute`` (decode recomputes a prompt whose KV cannot arrive) or ``fail``.
+    ``shm_dir``: this engine's path to the memory-backed directory it shares with the
+    sidecar (empty: the path the sidecar announces; ``off``: bytes over the socket only).
     """
     extra: dict[str, Any] = {"sidecar": sidecar, "load_timeout_s": load_timeout_s}
     if level:
         extra["level"] = level
+    if shm_dir:
+        extra["shm_dir"] = shm_dir
     return {
         "kv_connector": CONNECTOR,
         "kv_connector_module_path": CONNECTOR_MODULE,

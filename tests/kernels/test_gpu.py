@@ -54,6 +54,7 @@ def test_gpu_profile_chunks_match_cpu(profile_samples) -> None:
     profile = Profile.build(profile_samples, model="synthetic")
     kv = profile_samples[1]
     cpu = encode(kv, "default", profile)
+    assert peek(cpu).contexts  # the profile's context tables, on both paths
     on_gpu = type(kv)(keys=[k.cuda() for k in kv.keys], values=[v.cuda() for v in kv.values])
     assert encode(on_gpu, "default", profile) == cpu
     a, b = decode(cpu, profile), decode(cpu, profile, device="cuda")

@@ -120,32 +120,39 @@ def test_ladder_moves_bins_one_step() -> None:
 
 
 def test_sensitivity_moves_bins_to_the_planes_that_matter(profile_samples, tmp_path) -> None:
-    """Planes ranked by sensitivity: the top third one ladder step finer, the bottom third
-    one coarser; the bins land in the header, so decoding needs nothing more."""
+    """One ladder step per doubling of a plane's share of the error over the geometric mean
+    (clipped to the reach); the bins land in the header, so decoding needs nothing more."""
     from kvpool.kernels import levels
 
     sens = np.array([0.5, 0.01, 0.02, 0.3, 0.001, 0.1], np.float32)  # 3 layers x (K, V)
     profile = Profile.build(profile_samples, model="synthetic", sensitivity=sens)
-    assert profile.steps() == [1, -1, 0, 1, -1, 0]
+    # log2 shares -1, -6.6, -5.6, -1.7, -10, -3.3 around their mean -4.7
+    assert profile.steps() == [3, -2, -1, 3, -3, 1]
+    lv = levels.get("default")
+    # under a level, shares are scaled from the probe's bins to the level's: the keys of
+    # layers 1-2 (probe 9 bins, default 21) weigh (8/20)^2 of their sensitivity, so layer 1's
+    # keys move two steps coarser, not one
+    steps = profile.steps(lv)
+    assert steps == [3, 0, -2, 3, -3, 1]
     kv = profile_samples[1]
     data = encode(kv, "default", profile)
-    lv = levels.get("default")
-    steps = profile.steps()
     assert peek(data).bins == [lv.layer_bins(i, 3, (steps[2 * i], steps[2 * i + 1]))
                                for i in range(3)]
-    assert peek(data).bins[0][2] == levels.shifted(peek(encode(kv, "default")).bins[0][2], 1)
+    assert peek(data).bins[0][2] == levels.shifted(peek(encode(kv, "default")).bins[0][2], 3) == 63
     out = decode(data, profile)
     assert all(o.shape == k.shape for o, k in zip(out.keys, kv.keys))
     path = tmp_path / "p.kvprofile"
     profile.save(path)
     again = Profile.load(path)
-    assert again.hash == profile.hash and again.steps() == profile.steps()
+    assert again.hash == profile.hash and again.steps(lv) == steps
     assert Profile.build(profile_samples, model="synthetic").hash != profile.hash
 
 
 def test_a_profile_without_sensitivity_keeps_the_level_bins(profile, profile_samples) -> None:
     kv = profile_samples[0]
-    assert profile.steps() == [0] * 6
+    from kvpool.kernels import levels
+
+    assert profile.steps() == profile.steps(levels.get("default")) == [0] * 6
     assert peek(encode(kv, "default", profile)).bins == peek(encode(kv, "default")).bins
 
 
@@ -154,3 +161,50 @@ def test_bad_sensitivity_is_refused(profile_samples) -> None:
         Profile.build(profile_samples, model="synthetic", sensitivity=[1.0, float("nan")] * 3)
     with pytest.raises(CodecError, match="sensitivity"):
         Profile.build(profile_samples, model="synthetic", sensitivity=[1.0] * 4)
+
+
+def _slow_rows(seed: int) -> KVCache:
+    """Planes whose rows move slowly against the quantizer's step (as many key channels do)."""
+    g = torch.Generator().manual_seed(seed)
+    planes = [(torch.randn(256, 64, generator=g).cumsum(0) * 0.3
+               + torch.randn(256, 64, generator=g) * 0.2).half() for _ in range(4)]
+    return KVCache(keys=planes[:2], values=planes[2:])
+
+
+def test_context_tables_code_the_same_symbols_in_fewer_bytes(monkeypatch) -> None:
+    """With a profile's context tables (five per channel, chosen by the symbol above) a chunk
+    decodes to exactly what one table per channel gives, in fewer bytes when rows move slowly;
+    a profile without them (built before they existed) codes with one table."""
+    profile = Profile.build([_slow_rows(0), _slow_rows(1)], model="slow")
+    kv = _slow_rows(2)
+    with_contexts = encode(kv, "default", profile)
+    assert peek(with_contexts).contexts
+    monkeypatch.setattr(Profile, "has_contexts", lambda self, layers, first=0: False)
+    one_table = encode(kv, "default", profile)
+    assert not peek(one_table).contexts and not peek(encode(kv, "default")).contexts
+    assert len(with_contexts) < 0.9 * len(one_table)
+    a, b = decode(with_contexts, profile), decode(one_table, profile)
+    assert all(torch.equal(x, y) for x, y in zip([*a.keys, *a.values], [*b.keys, *b.values]))
+    print(f"context tables {len(with_contexts)} B, one table {len(one_table)} B")
+
+
+def test_a_chunk_of_some_layers_names_its_slice_of_the_profile() -> None:
+    """The sidecar sends one layer per chunk: such a chunk codes with that layer's tables,
+    names a hash derived from the profile's and the layer, and decodes with the profile."""
+    samples = [_slow_rows(0), _slow_rows(1)]
+    profile = Profile.build(samples, model="slow")
+    kv = _slow_rows(2)
+    whole = decode(encode(kv, "default", profile), profile)
+    for layer in range(2):
+        one = KVCache(keys=[kv.keys[layer]], values=[kv.values[layer]])
+        frame = encode(one, "default", profile, depth=(layer, 2))
+        assert peek(frame).profile_hash == profile.slice_hash(layer, 1) != profile.hash
+        assert profile.locate(peek(frame).profile_hash, 1) == layer
+        out = decode(frame, profile)
+        assert torch.equal(out.keys[0], whole.keys[layer])
+        assert torch.equal(out.values[0], whole.values[layer])
+    other = Profile.build(samples[:1], model="slow")
+    with pytest.raises(CodecError, match="needs profile"):
+        decode(frame, other)
+    with pytest.raises(CodecError, match="is for 2 layers"):
+        encode(KVCache(keys=[kv.keys[0]], values=[kv.values[0]]), "default", profile)

@@ -25,7 +25,8 @@ def test_profile_round_trip(tmp_path, capsys) -> None:
     # the model's sensitivity, one figure per plane, drives a bin allocation
     assert profile.sensitivity.shape == (60,) and (profile.sensitivity >= 0).all()
     assert profile.sensitivity.max() > 2 * profile.sensitivity.min()
-    assert sorted(set(profile.steps())) == [-1, 0, 1]
+    steps = profile.steps()
+    assert min(steps) < 0 < max(steps) and abs(sum(steps)) <= len(steps) // 4
 
     # a chunk encoded with it names it, and needs it to decode
     kv = small_real().kv

@@ -60,6 +60,22 @@ def check_bound(kv: KVCache, out: KVCache, data: bytes, dtype: torch.dtype) -> N
         assert np.all(np.abs(y - x) <= bound), f"plane {p}: error above half a step"
 
 
+def test_decode_into_given_tensors_matches_and_checks_their_shapes() -> None:
+    kv = synthetic_kv([(70, 48), (9, 80)], torch.bfloat16)
+    data = encode(kv, "default")
+    want = decode(data)
+    out = [torch.empty_like(p) for p in (want.keys[0], want.values[0],
+                                         want.keys[1], want.values[1])]
+    got = decode(data, out=out)
+    assert got.keys[0] is out[0] and got.values[1] is out[3]
+    assert all(torch.equal(a, b) for a, b in zip(out, [*want.keys[:1], *want.values[:1],
+                                                       want.keys[1], want.values[1]]))
+    for bad in ([*out[:3]], [out[0], out[1], out[2], out[3].float()],
+                [out[2], out[3], out[0], out[1]], [out[0].t(), *out[1:]]):
+        with pytest.raises(CodecError, match="output|outputs"):
+            decode(data, out=bad)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lossless_is_bit_exact(dtype: torch.dtype) -> None:
     kv = synthetic_kv([(70, 48), (3, 48), (129, 80)], dtype)

@@ -97,10 +97,16 @@ def test_roles_get_connector_roles_gpus_and_shared_socket() -> None:
         assert config["kv_connector_module_path"] == "kvpool.sidecar.connector"
         assert config["kv_role"] == kv_role
         assert sidecar["command"] == ["kvpool", "sidecar"]
-        socket_dir = {m["mountPath"] for m in vllm["volumeMounts"]} & {
-            m["mountPath"] for m in sidecar["volumeMounts"]}
-        assert config["kv_connector_extra_config"]["sidecar"].startswith(
-            f"unix://{socket_dir.pop()}/")
+        shared = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}.items() & {
+            m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}.items()
+        assert {name for name, _ in shared} == {"kvpool-socket", "kvpool-shm"}
+        paths = dict(shared)
+        extra = config["kv_connector_extra_config"]
+        assert extra["sidecar"].startswith(f"unix://{paths['kvpool-socket']}/")
+        assert extra["shm_dir"] == paths["kvpool-shm"]
+        assert sidecar["args"][sidecar["args"].index("--shm-dir") + 1] == paths["kvpool-shm"]
+        volume = {v["name"]: v for v in pod["volumes"]}["kvpool-shm"]
+        assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]
         assert "--block-size" in vllm["args"] and "32" in vllm["args"]
     prefill_vllm = objs["Deployment", "demo-prefill"]["spec"]["template"]["spec"]["containers"][0]
     assert prefill_vllm["resources"]["limits"]["nvidia.com/gpu"] == 2

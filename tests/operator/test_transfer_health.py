@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kvpool.operator import api, kube, status, transfer
+from kvpool.operator import api, kube, schema, status, transfer
 from kvpool.sidecar.health import TransferHealth
 from tests.operator.conftest import free_port, start_operator, wait_for
 from tests.operator.test_operator import (
@@ -120,6 +120,35 @@ def test_healthy_sidecars_sum_their_savings() -> None:
     assert (verdict.status, verdict.reason) == ("True", "TransfersSucceeding")
     assert verdict.summary["bytesSaved"] == 7 * 3 * MB
     assert verdict.summary["transfers"] == 7 and verdict.summary["sidecars"] == "2/2"
+
+
+def test_failure_reasons_and_transports_are_summed() -> None:
+    a, b = TransferHealth(), TransferHealth()
+    a.transfer_failed("peer_restarted")
+    b.transfer_failed("peer_restarted")
+    b.transfer_failed("timeout")
+    a.transport("nixl")
+    b.transport("grpc", fallback=True)
+    b.transport("grpc")
+    old = summary(ok=1)  # a sidecar of an older release sends neither
+    for key in ("failure_reasons", "transports", "transport_fallbacks"):
+        old.pop(key, None)
+    verdict = transfer.aggregate({"a": a.summary(), "b": b.summary(), "c": old})
+    assert verdict.summary["failureReasons"] == {"peer_restarted": 2, "timeout": 1}
+    assert verdict.summary["transports"] == {"grpc": 2, "nixl": 1}
+    assert verdict.summary["transportFallbacks"] == 1
+
+
+def test_byte_counts_are_int64_in_the_schema() -> None:
+    """A busy pool moves more than 2 GiB in a window: byte counts must not be int32."""
+    from kvpool.operator import crd
+
+    props = crd.kvcachepool_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["status"]["properties"]["transfer"]["properties"]
+    assert {props[k]["format"] for k in ("bytesSaved", "rawBytes", "wireBytes")} == {"int64"}
+    verdict = transfer.aggregate({"a": summary(ok=1)})
+    loaded = schema.load(api.TransferStatus, {**verdict.summary, "rawBytes": 5 << 30})
+    assert loaded.raw_bytes == 5 << 30
 
 
 def test_failures_summed_over_sidecars_turn_it_false() -> None:

@@ -75,7 +75,8 @@ class SidecarProcess(Process):
 
     def __init__(self, name: str, folder: Path, level: str = "raw", *,
                  peer: str = "127.0.0.1:0", transfer_timeout: float = 60,
-                 lease: float | None = None, wait: bool = True):
+                 lease: float | None = None, wait: bool = True,
+                 extra: tuple[str, ...] = ()):
         self.socket = folder / f"{name}.sock"
         self.ready = folder / f"{name}.ready"
         self.ready.unlink(missing_ok=True)
@@ -84,7 +85,7 @@ class SidecarProcess(Process):
             sys.executable, "-m", "kvpool", "sidecar", "--local", f"unix://{self.socket}",
             "--peer", peer, "--metrics", "127.0.0.1:0", "--level", level,
             "--transfer-timeout", str(transfer_timeout), *lease_args,
-            "--ready-file", str(self.ready),
+            "--ready-file", str(self.ready), *extra,
         ], folder)
         if wait:
             self.wait_ready()
@@ -97,7 +98,13 @@ class SidecarProcess(Process):
             time.sleep(0.1)
         info = json.loads(self.ready.read_text())
         self.peer, self.metrics = info["peer"], info["metrics"]
+        self.instance, self.transports = info["instance"], info["transports"]
         return self
+
+    def health(self) -> dict:
+        """The sidecar's ``/transfer/health`` summary."""
+        url = f"http://{self.metrics}/transfer/health"
+        return json.loads(urllib.request.urlopen(url, timeout=10).read())
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of the sidecar's Prometheus metrics (0 when absent)."""

@@ -266,7 +266,7 @@ async def test_corrupt_chunk_is_refused_by_checksum(pair):
     bad = pb.WireChunk(key=raw.key, level="raw", payload=payload[:-1] + b"\x00",
                        crc32c=checksum(payload), raw_bytes=len(payload))
     wire = pb.PeerMessage(chunk=bad).SerializeToString()  # as a generated stub sends it
-    decode.receive(transfer, peerwire.parse(wire))
+    decode.receive(transfer, peerwire.parse(wire), "test")
     assert transfer.error is not None and transfer.error.reason == "checksum"
 
 
@@ -347,3 +347,48 @@ async def test_a_chunk_too_small_for_the_codec_goes_raw(pair):
                        num_layers=LAYERS)
     levels = {(c.key.token_start, c.level) for c in prefill.store.get("t12").chunks}
     assert levels == {(0, "raw"), (3, "default")}
+
+
+async def test_sidecars_with_a_profile_code_each_layer_with_its_slice(tmp_path):
+    """Both sidecars given the model's profile: chunks name their layer's slice of it (no
+    tables carried) and decode to the values sent; a decode sidecar without the profile
+    cannot decode them and the load fails (decode recomputes)."""
+    if "default" not in codec.levels():
+        pytest.skip("the codec's lossy levels are not built here")
+    from kvpool import kernels
+
+    samples = []
+    for seed in (7, 8):
+        pairs = [make_chunk(layer, 0, 256, [], seed=seed)[1:] for layer in range(LAYERS)]
+        samples.append(kernels.KVCache(keys=[k for k, _ in pairs], values=[v for _, v in pairs]))
+    path = tmp_path / "model.kvprofile"
+    kernels.Profile.build(samples, model=MODEL).save(path)
+    profile = kernels.Profile.load(path)
+    sidecars, channels = [], []
+    for name, with_profile in (("prefill", True), ("decode", True), ("bare", False)):
+        s = Sidecar(SidecarConfig(local=f"unix://{tmp_path}/{name}.sock", lease_s=30,
+                                  transfer_timeout_s=5, profile=str(path) if with_profile else ""))
+        await s.start()
+        sidecars.append(s)
+        channels.append(grpc.aio.insecure_channel(s.config.local))
+    try:
+        prefill = sidecars[0]
+        p_local, d_local, bare_local = (pb_grpc.LocalStub(c) for c in channels)
+        tokens = list(range(128))
+        sent = await put_transfer(p_local, "tp", tokens, [(0, 128)], level="default",
+                                  num_layers=LAYERS)
+        held = prefill.store.get("tp").chunks
+        assert {kernels.peek(c.payload).profile_hash for c in held} == {
+            profile.slice_hash(layer, 1) for layer in range(LAYERS)}
+        got, _ = await load_all(d_local, pb.LoadRequest(transfer_id="tp", model=MODEL,
+                                                        peer=prefill.peer_address))
+        for key, (k, v) in sent.items():
+            assert (got[key][0].float() - k.float()).abs().max() < 1.0
+        with pytest.raises(grpc.aio.AioRpcError, match="profile"):
+            await load_all(bare_local, pb.LoadRequest(transfer_id="tp", model=MODEL,
+                                                      peer=prefill.peer_address))
+    finally:
+        for c in channels:
+            await c.close()
+        for s in sidecars:
+            await s.stop(grace=0)

@@ -30,6 +30,7 @@ def through_pd(pd, text: str, max_tokens: int, **params) -> tuple[list[int], dic
     first = pd["prefill"].complete(text, 1, {"do_remote_decode": True, **params})
     kv_params = first["kv_transfer_params"]
     assert kv_params["do_remote_prefill"] and kv_params["kvpool_transfer"]
+    assert kv_params["kvpool_instance"] == pd["p_sidecar"].instance  # checked by decode
     second = pd["decode"].complete(text, max_tokens, kv_params)
     return second["choices"][0]["token_ids"], kv_params
 

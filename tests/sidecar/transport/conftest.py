@@ -1,10 +1,16 @@
-"""Fixtures of the transport tests: real KV bytes of the default model, free ports."""
+"""Fixtures of the transport tests: real KV bytes of the default model, free ports, pairs
+of sidecars in this process."""
 
 from __future__ import annotations
 
 import socket
 
+import grpc
 import pytest
+import pytest_asyncio
+
+from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
+from kvpool.sidecar.server import Sidecar, SidecarConfig
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +37,27 @@ def codec_model(real_kv):
     sample = kernels.KVCache(keys=list(keys), values=list(values))
     return CodecModel.calibrate(lambda kv, level: kernels.encode(kv, level=level),
                                 kernels.decode, sample, kernels.LEVELS)
+
+
+@pytest_asyncio.fixture
+async def make_pair(tmp_path):
+    """Start a prefill and a decode sidecar with the given options; stop them after."""
+    started, channels = [], []
+
+    async def make(prefill: dict | None = None, decode: dict | None = None):
+        pair = []
+        for name, options in (("prefill", prefill or {}), ("decode", decode or {})):
+            s = Sidecar(SidecarConfig(local=f"unix://{tmp_path}/{name}{len(started)}.sock",
+                                      lease_s=30, transfer_timeout_s=5, **options))
+            await s.start()
+            started.append(s)
+            channel = grpc.aio.insecure_channel(s.config.local)
+            channels.append(channel)
+            pair.append((s, pb_grpc.LocalStub(channel)))
+        return pair
+
+    yield make
+    for c in channels:
+        await c.close()
+    for s in started:
+        await s.stop(grace=0)

@@ -1,7 +1,7 @@
 """Chaos between real sidecar processes (gRPC on loopback, raw level, no engines).
 
 Each case breaks a transfer on purpose (decode sidecar killed, peer restarted on the same
-port, a byte flipped on the wire, a starved link) and checks the same three things:
+port: refused by its instance id, a byte flipped on the wire, a starved link) and checks the same three things:
 the request ends (by transfer or by recompute: the connector recomputes when its Load
 fails) by the sidecar's own deadline, never the test's guard; the right counter is
 raised; and nothing is left behind (held transfers and bytes back to zero).
@@ -163,6 +163,10 @@ async def test_killing_the_decode_sidecar_mid_transfer(cluster, mode):
 
 
 async def test_a_peer_restarted_on_the_same_port_never_serves_stale_state(cluster):
+    """Each sidecar process is an instance, named with its transfers (kv_transfer_params
+    ``kvpool_instance``, the Load and Pull requests, the streams' headers): a new process
+    at the old address refuses what names the old one, and decode recomputes it under the
+    reason ``peer_restarted``."""
     start, local = cluster
     address = f"127.0.0.1:{free_port()}"
     old, decode = start("prefill-old", "decode", at={"prefill-old": address})
@@ -170,27 +174,40 @@ async def test_a_peer_restarted_on_the_same_port_never_serves_stale_state(cluste
     await put(old_local, "sealed", range(LAYERS))
     await put(old_local, "growing", [0], seal=False)
     pulling = asyncio.create_task(load(d_local, pb.LoadRequest(
-        transfer_id="growing", model=MODEL, peer=address)))
+        transfer_id="growing", model=MODEL, peer=address, peer_instance=old.instance)))
     await until(decode, "kvpool_sidecar_wire_bytes_total", 1, at_least=True,
                 direction="received")  # the first chunk is across
 
     old.kill()
     old.popen.wait()
     new, = start("prefill-new", at={"prefill-new": address})
+    assert new.instance != old.instance
     _, end, error = await pulling  # the stream from the old process broke
     recomputes(error)
     assert end is None
-    # What the old process held is unknown to the new one at the same address.
+    # What the old process held is refused by the new one at the same address ...
     got, end, error = await load(d_local, pb.LoadRequest(
-        transfer_id="sealed", model=MODEL, peer=address))
+        transfer_id="sealed", model=MODEL, peer=address, peer_instance=old.instance))
     recomputes(error)
-    assert "NOT_FOUND" in error.details() and not got and end is None
-    assert await metric(decode, FAILURES, side="decode", reason="peer") == 2
-    assert await metric(decode, RECOMPUTES, reason="peer") == 2
+    assert "peer_restarted" in error.details() and not got and end is None
+    assert await metric(new, FAILURES, side="prefill", reason="peer_restarted") == 1
+    # ... and a transfer decode waits for from the old one is not taken from the new one
+    # (whether the new one's push comes before the Load or after).
+    pushed = asyncio.create_task(load(d_local, pb.LoadRequest(
+        transfer_id="pushed", model=MODEL, expect_push=True, peer_instance=old.instance)))
+    await put(local(new), "pushed", range(LAYERS), push_to=decode.peer)
+    got, end, error = await pushed
+    recomputes(error)
+    assert "peer_restarted" in error.details() and not got and end is None
+    assert await metric(decode, FAILURES, side="decode", reason="peer") == 1
+    assert await metric(decode, FAILURES, side="decode", reason="peer_restarted") == 2
+    assert await metric(decode, RECOMPUTES, reason="peer_restarted") == 2
+    health = await asyncio.to_thread(decode.health)
+    assert health["failure_reasons"] == {"peer": 1, "peer_restarted": 2}
     # The new process serves its own transfers at that address.
     sent = await put(local(new), "fresh", range(LAYERS))
     got, end, error = await load(d_local, pb.LoadRequest(
-        transfer_id="fresh", model=MODEL, peer=address))
+        transfer_id="fresh", model=MODEL, peer=address, peer_instance=new.instance))
     assert error is None and end.chunks == LAYERS
     exact(sent, got)
     await nothing_held(decode, new)
@@ -234,3 +251,26 @@ async def test_a_starved_link_ends_at_the_deadline_in_recompute(cluster, mode):
     if mode == "stall":
         assert proxy.swallowed > 0
     await nothing_held(decode, prefill)
+
+
+async def test_the_connector_names_the_sidecar_instance_it_reaches_now(cluster):
+    """Prefill's connector puts its sidecar's instance in kv_transfer_params: asked once,
+    and again after the sidecar restarted (the connection to it was lost)."""
+    from kvpool.sidecar.connector import ConnectorConfig, KVPoolScheduler
+
+    start, _ = cluster
+    first, = start("prefill")
+    scheduler = KVPoolScheduler(ConnectorConfig(
+        sidecar=f"unix://{first.socket}", model=MODEL, level="", block_size=16,
+        load_timeout_s=TIMEOUT_S))
+    assert await asyncio.to_thread(scheduler.sidecar_info) == (first.peer, first.instance)
+    first.kill()
+    first.popen.wait()
+    second, = start("prefill")  # the same socket
+
+    async def renamed() -> None:
+        while await asyncio.to_thread(scheduler.sidecar_info) != (second.peer,
+                                                                  second.instance):
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(renamed(), GUARD_S)

@@ -9,7 +9,6 @@ import urllib.request
 
 import grpc
 import pytest
-import pytest_asyncio
 import torch
 
 from kvpool.sidecar import tls
@@ -19,30 +18,6 @@ from kvpool.sidecar.server import Sidecar, SidecarConfig
 from tests.sidecar.test_sidecar_grpc import LAYERS, MODEL, load_all, make_chunk
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest_asyncio.fixture
-async def make_pair(tmp_path):
-    """Start a prefill and a decode sidecar with the given options; stop them after."""
-    started, channels = [], []
-
-    async def make(prefill: dict | None = None, decode: dict | None = None):
-        pair = []
-        for name, options in (("prefill", prefill or {}), ("decode", decode or {})):
-            s = Sidecar(SidecarConfig(local=f"unix://{tmp_path}/{name}.sock", lease_s=30,
-                                      transfer_timeout_s=5, **options))
-            await s.start()
-            started.append(s)
-            channel = grpc.aio.insecure_channel(s.config.local)
-            channels.append(channel)
-            pair.append((s, pb_grpc.LocalStub(channel)))
-        return pair
-
-    yield make
-    for c in channels:
-        await c.close()
-    for s in started:
-        await s.stop(grace=0)
 
 
 async def put_levels(local, tid, levels, push_to=""):
@@ -80,7 +55,7 @@ async def test_nixl_transport_pull_and_push_bit_exact_with_mixed_levels(make_pai
                             push_to=decode.peer_address)
     got, _ = await asyncio.wait_for(load, 20)
     assert_exact(sent, got)
-    source = prefill.transport.source
+    source = prefill.nixl.source
     assert source.wait_idle(5), "every slot read by decode is free again"
     assert decode.health.summary()["level_mix"] == {"lossless": 0.5, "raw": 0.5}
 
