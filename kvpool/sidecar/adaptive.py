@@ -9,12 +9,17 @@ The sender streams a prompt's KV chunk by chunk. Before encoding a chunk it asks
   (:class:`CodecModel`: compressed/raw ratio, encode and decode seconds per raw byte),
 - the time left before the KV must be in decode (:class:`TransferDeadline`, derived from
   the request's TTFT target), shared among the chunks still to send in proportion to
-  their raw size.
+  their raw size, and, where the transfer has a schedule, the instant the chunk is due,
+- the chunk still on the wire ahead of it (a pipelined stream encodes the next chunk
+  meanwhile), whose bytes and decoding it waits for.
 
-The answer is the best-quality option predicted to arrive in time, where ``raw`` (the
-uncompressed bytes) ranks with ``lossless`` (both are exact) and wins over it when the link
-is fast enough that encoding would cost more time than it saves. When even the lowest
-level cannot make it, the answer is ``recompute``: decode runs the prefill itself.
+The answer is the best-quality option predicted to arrive in time on a link, and a codec,
+a margin slower than measured, where ``raw`` (the uncompressed bytes) ranks with
+``lossless`` (both are exact) and wins over it when the link is fast enough that encoding
+would cost more time than it saves. When nothing fits, the fastest level catches up as
+long as it can still make the deadline (plus a grace) for the whole rest; only when it
+cannot, at the link's median rate and the codec's own speed (its CPU time), is the answer
+``recompute``: decode runs the prefill itself.
 Every decision is counted (``LevelPolicy.counts``, and through ``on_decision`` in the
 sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEBUG).
 """
@@ -22,8 +27,10 @@ sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEB
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,12 +51,20 @@ class ThroughputEstimator:
 
     Each sample is the bytes of one chunk and the seconds it spent on the wire (from
     handing it to the stream, or the previous acknowledgement, to its own). The estimate
-    is the harmonic mean of the last ``window`` samples' rates (as robustMPC does), or the
-    last sample's rate when that is lower: a drop is taken at once (in the harmonic mean
-    one 10x slower chunk among three only brings the estimate down 4x, and the chunk sent
-    on that estimate arrives late), a rise takes over within ``window`` chunks, and one
-    fast outlier barely lifts it (nor does one stalled chunk weigh on more than the next
-    choice and its share of the mean).
+    is the lowest of
+
+    - the harmonic mean of the last ``window`` samples' rates (as robustMPC does),
+    - the last sample's rate: a drop is taken at once (in the harmonic mean one 10x slower
+      chunk among three only brings the estimate down 4x, and the chunk sent on that
+      estimate arrives late),
+    - the bytes acknowledged over the wall time the last ``window`` samples span, gaps
+      between chunks included (when samples say ``at`` what instant they were acknowledged):
+      a shaped link (token bucket) refills its bucket while the sender encodes the next
+      chunk, and that chunk's first bytes then leave at once, so that one chunk's own rate
+      overstates what the link sustains; over the span the refill is counted at its rate.
+
+    A rise takes over within ``window`` chunks, and one fast outlier barely lifts it (nor
+    does one stalled chunk weigh on more than the next choice and its share of the mean).
     """
 
     def __init__(self, *, window: int = 3, initial_bps: float | None = None) -> None:
@@ -58,23 +73,55 @@ class ThroughputEstimator:
         if initial_bps is not None and initial_bps <= 0:
             raise ValueError(f"initial_bps must be positive, got {initial_bps}")
         self._rates: collections.deque[float] = collections.deque(maxlen=window)
+        self._spans: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=window)
         if initial_bps is not None:
             self._rates.append(initial_bps)
         self.samples = 0
 
-    def observe(self, nbytes: int, seconds: float) -> None:
-        """Record that ``nbytes`` took ``seconds`` on the wire."""
+    def observe(self, nbytes: int, seconds: float, *, at: float | None = None) -> None:
+        """Record that ``nbytes`` took ``seconds`` on the wire, acknowledged at instant ``at``
+        (any monotonic clock, the same for every sample; None: unknown)."""
         if nbytes <= 0 or seconds <= 0:
             return
         self._rates.append(nbytes / seconds)
+        if at is None:
+            self._spans.clear()
+        else:
+            self._spans.append((nbytes, at - seconds, at))
         self.samples += 1
+
+    def delivered_bps(self) -> float | None:
+        """Bytes acknowledged over the wall time the recent samples span (None with fewer
+        than two timed samples in a row)."""
+        if len(self._spans) < 2:
+            return None
+        span = self._spans[-1][2] - self._spans[0][1]
+        return sum(n for n, _, _ in self._spans) / span if span > 0 else None
+
+    @property
+    def mean_bps(self) -> float | None:
+        """The harmonic mean alone: steadier than :attr:`bps` (one stalled chunk does not set
+        it), for decisions that cannot be taken back."""
+        if not self._rates:
+            return None
+        return len(self._rates) / sum(1 / r for r in self._rates)
+
+    @property
+    def median_bps(self) -> float | None:
+        """The median of the last ``window`` samples' rates: one stalled chunk (a process
+        starved of CPU for a while) does not move it at all, a lasting drop does within
+        half the window; for decisions that cannot be taken back."""
+        if not self._rates:
+            return None
+        return statistics.median(self._rates)
 
     @property
     def bps(self) -> float | None:
         """The estimate, or None before the first sample when no initial guess was given."""
         if not self._rates:
             return None
-        return min(len(self._rates) / sum(1 / r for r in self._rates), self._rates[-1])
+        delivered = self.delivered_bps()
+        return min(self.mean_bps, self._rates[-1], delivered if delivered else math.inf)
 
 
 @dataclass
@@ -84,9 +131,18 @@ class LevelCost:
     ratio: float
     """Encoded bytes per raw byte."""
     encode_s_per_byte: float
+    """Wall time: what a chunk's encoding takes on this machine as busy as it is."""
     decode_s_per_byte: float
     measured: int = 0
     """How many chunks the figures come from (0: a prior)."""
+    encode_cpu_s_per_byte: float | None = None
+    """CPU time of the encoding: the codec's own speed, whatever else the machine runs
+    (None: not measured apart, taken as the wall time)."""
+
+    @property
+    def encode_cpu(self) -> float:
+        return self.encode_s_per_byte if self.encode_cpu_s_per_byte is None \
+            else self.encode_cpu_s_per_byte
 
 
 @dataclass
@@ -95,8 +151,9 @@ class CodecModel:
 
     Starts from priors (``calibrate`` measures them on a real sample; otherwise given by
     the caller). A level never used keeps its prior scaled by how far the measured levels
-    strayed from theirs: when real KV compresses 20% worse than the sample did, every
-    level's estimate follows.
+    strayed from theirs, in ratio and in encoding speed: when real KV compresses 20% worse
+    than the sample did, or a busy machine encodes at half the speed it calibrated at,
+    every level's estimate follows (the speed of the machine now is measured, not assumed).
     """
 
     costs: dict[str, LevelCost]
@@ -104,57 +161,80 @@ class CodecModel:
 
     @classmethod
     def calibrate(cls, encode, decode, sample, levels: Sequence[str] = CODEC_LEVELS,
-                  *, repeats: int = 2) -> CodecModel:
-        """Measure every level on ``sample`` with the real codec (best of ``repeats``).
+                  *, repeats: int = 2, statistic: Callable[[list[float]], float] = min,
+                  ) -> CodecModel:
+        """Measure every level on ``sample`` with the real codec: the best of ``repeats``
+        (what the codec can do), or another ``statistic`` of them (``statistics.median``:
+        what a busy machine lets it do now).
 
         ``encode(sample, level) -> bytes``; ``decode(bytes)``; ``sample`` is a ``KVCache``.
         """
         raw = raw_size(sample)
         costs = {}
         for level in levels:
-            enc = dec = math.inf
+            enc, cpu, dec = [], [], []
             for _ in range(max(1, repeats)):
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 data = encode(sample, level)
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.thread_time()
                 decode(data)
                 t2 = time.perf_counter()
-                enc, dec = min(enc, t1 - t0), min(dec, t2 - t1)
-            costs[level] = LevelCost(len(data) / raw, enc / raw, dec / raw)
+                enc.append(t1 - t0)
+                cpu.append(c1 - c0)
+                dec.append(t2 - t1)
+            costs[level] = LevelCost(len(data) / raw, statistic(enc) / raw, statistic(dec) / raw,
+                                     encode_cpu_s_per_byte=statistic(cpu) / raw)
         return cls(costs)
 
     def observe(self, level: str, raw_bytes: int, encoded_bytes: int,
-                encode_s: float, decode_s: float | None = None) -> None:
-        """Fold one encoded chunk's figures into the level's running means."""
+                encode_s: float, decode_s: float | None = None, *,
+                encode_cpu_s: float | None = None) -> None:
+        """Fold one encoded chunk's figures into the level's running means (``encode_s``
+        wall time, ``encode_cpu_s`` the encoding thread's CPU time)."""
         if raw_bytes <= 0 or level not in self.costs:
             return
         cost = self.costs[level]
         a = self.alpha if cost.measured else 1.0
         cost.ratio += a * (encoded_bytes / raw_bytes - cost.ratio)
+        if encode_cpu_s is not None:
+            cost.encode_cpu_s_per_byte = cost.encode_cpu + a * (encode_cpu_s / raw_bytes
+                                                                - cost.encode_cpu)
         cost.encode_s_per_byte += a * (encode_s / raw_bytes - cost.encode_s_per_byte)
         if decode_s is not None:
             cost.decode_s_per_byte += a * (decode_s / raw_bytes - cost.decode_s_per_byte)
         cost.measured += 1
 
-    def _drift(self, priors: dict[str, LevelCost]) -> float:
-        factors = [c.ratio / priors[lv].ratio for lv, c in self.costs.items()
-                   if c.measured and lv in priors and priors[lv].ratio > 0]
+    def _drift(self, priors: dict[str, LevelCost], figure: Callable[[LevelCost], float]) -> float:
+        """Geometric mean, over the levels measured, of their ``figure`` against its prior
+        (1.0 when none is measured)."""
+        factors = [figure(c) / figure(priors[lv]) for lv, c in self.costs.items()
+                   if c.measured and lv in priors and figure(priors[lv]) > 0 and figure(c) > 0]
         return math.exp(sum(map(math.log, factors)) / len(factors)) if factors else 1.0
 
+    def stages(self, level: str, priors: dict[str, LevelCost], *,
+               own_speed: bool = False) -> tuple[float, float, float]:
+        """Encode seconds, encoded bytes and decode seconds per raw byte of ``level``: as
+        measured when it was used, else its prior scaled by the drift of the measured ones
+        (decode, measured on the receiver, keeps its prior). Encoding in wall time (this
+        machine as busy as it is), or with ``own_speed`` in CPU time (the codec's own)."""
+        if level == RAW:
+            return 0.0, 1.0, 0.0
+        cost = self.costs[level]
+        encode = (lambda c: c.encode_cpu) if own_speed else (lambda c: c.encode_s_per_byte)
+        if cost.measured:
+            return encode(cost), cost.ratio, cost.decode_s_per_byte
+        return (encode(cost) * self._drift(priors, encode),
+                cost.ratio * self._drift(priors, lambda c: c.ratio), cost.decode_s_per_byte)
+
     def predict(self, level: str, raw_bytes: int, bps: float, priors: dict[str, LevelCost],
-                *, overlap: bool = False) -> float:
+                *, overlap: bool = False, cpu: float = 1.0, own_speed: bool = False) -> float:
         """Seconds a chunk costs: encode, wire and decode one after the other, or with
         ``overlap`` (a pipelined stream: chunk i+1 encodes while chunk i is on the wire and
-        chunk i-1 decodes) the slowest of the three."""
-        if level == RAW:
-            return raw_bytes / bps
-        cost = self.costs[level]
-        ratio = cost.ratio if cost.measured else cost.ratio * self._drift(priors)
-        stages = (cost.encode_s_per_byte, ratio / bps, cost.decode_s_per_byte)
+        chunk i-1 decodes) the slowest of the three; ``cpu`` scales encode and decode;
+        ``own_speed``: see :meth:`stages`."""
+        encode, ratio, decode = self.stages(level, priors, own_speed=own_speed)
+        stages = (encode * cpu, ratio / bps, decode * cpu)
         return raw_bytes * (max(stages) if overlap else sum(stages))
-
-    def expected_bytes(self, level: str, raw_bytes: int) -> int:
-        return raw_bytes if level == RAW else int(raw_bytes * self.costs[level].ratio)
 
 
 def raw_size(kv) -> int:
@@ -171,17 +251,25 @@ class TransferDeadline:
 
     ``deadline`` is a ``time.monotonic()`` instant: the request's arrival plus its TTFT
     target, minus what decode needs after the KV is in (loading it and the first step).
-    Each chunk gets the time left in proportion to its share of the raw bytes left.
+    Each chunk gets the time left in proportion to its share of the raw bytes left
+    (:meth:`chunk_budget`: slack is spread over the chunks left rather than spent on one).
+    With ``start`` (when the transfer began) the chunks also have a schedule: each is due
+    when its share of the raw bytes, counted from the first chunk, has had its share of the
+    time (:meth:`due`), so that decode can load layer by layer.
     """
 
     deadline: float
     total_raw_bytes: int
     sent_raw_bytes: int = 0
+    start: float | None = None
+    grace_s: float = 0.0
+    """How late the whole KV may still be before a recompute (decode running the prefill
+    itself) is the better way: :meth:`rest` counts it in."""
 
     @classmethod
     def from_ttft(cls, arrival: float, ttft_target_s: float, total_raw_bytes: int,
                   decode_reserve_s: float = 0.0) -> TransferDeadline:
-        return cls(arrival + ttft_target_s - decode_reserve_s, total_raw_bytes)
+        return cls(arrival + ttft_target_s - decode_reserve_s, total_raw_bytes, start=arrival)
 
     def chunk_budget(self, raw_bytes: int, now: float | None = None) -> float:
         """Seconds this chunk may take (≤ 0 when the deadline has passed)."""
@@ -189,6 +277,26 @@ class TransferDeadline:
         left = self.deadline - now
         remaining = max(self.total_raw_bytes - self.sent_raw_bytes, raw_bytes)
         return left * raw_bytes / remaining if left > 0 else left
+
+    def due(self, raw_bytes: int) -> float:
+        """The instant by which the next chunk (of ``raw_bytes``) is due on the schedule;
+        the deadline itself without a ``start``."""
+        if self.start is None or self.total_raw_bytes <= 0:
+            return self.deadline
+        share = min(1.0, (self.sent_raw_bytes + raw_bytes) / self.total_raw_bytes)
+        return self.start + (self.deadline - self.start) * share
+
+    def rest(self, now: float | None = None) -> tuple[float, int]:
+        """Seconds to the deadline (plus the grace) and raw bytes not yet sent (the next
+        chunk's included)."""
+        now = time.monotonic() if now is None else now
+        return self.deadline + self.grace_s - now, max(self.total_raw_bytes - self.sent_raw_bytes, 0)
+
+    def shift(self, seconds: float) -> None:
+        """Move the whole schedule later (time the caller took out of the transfer's clock)."""
+        self.deadline += seconds
+        if self.start is not None:
+            self.start += seconds
 
     def sent(self, raw_bytes: int) -> None:
         self.sent_raw_bytes += raw_bytes
@@ -220,6 +328,13 @@ class LevelPolicy:
     """Used for the first chunk when nothing is known of the link yet."""
     overlap: bool = False
     """The stream is pipelined (encode, wire and decode of successive chunks overlap)."""
+    margin: float = 0.0
+    """Safety margin: predictions take the link, and the encoding and decoding, as
+    ``1 + margin`` times slower than measured (a shaped link's bursts, a busy machine's
+    jitter: a chunk planned to the brim of its slot lands after it on the first stall)."""
+    recompute_samples: int = 3
+    """Acknowledged chunks measured before a recompute may be decided (it cannot be taken
+    back; two stalled chunks on a busy machine are not a slow link)."""
     on_decision: Callable[[Decision], None] | None = None
     """Called with every decision (the sidecar counts them in its metrics)."""
     name: str = "adaptive"
@@ -230,8 +345,7 @@ class LevelPolicy:
             raise ValueError(f"no cost figures for levels {unknown}")
         if self.start_level not in self.levels:
             raise ValueError(f"start_level {self.start_level!r} is not one of {self.levels}")
-        self._priors = {lv: LevelCost(c.ratio, c.encode_s_per_byte, c.decode_s_per_byte)
-                        for lv, c in self.model.costs.items()}
+        self._priors = {lv: dataclasses.replace(c) for lv, c in self.model.costs.items()}
         self.counts: dict[str, int] = {}
         self._last_level: str | None = None
         self._chunk = 0
@@ -240,31 +354,106 @@ class LevelPolicy:
         """Candidates, best quality first (raw ranks with lossless)."""
         return ([RAW] if self.allow_raw else []) + list(self.levels)
 
-    def choose(self, raw_bytes: int, budget_s: float) -> Decision:
-        """The level for the next chunk of ``raw_bytes`` that must arrive within ``budget_s``."""
+    def choose(self, raw_bytes: int, budget_s: float, *, queued_bytes: int = 0,
+               queued_decode_s: float = 0.0, due_s: float | None = None,
+               rest: tuple[float, int] | None = None, recompute: bool = True) -> Decision:
+        """The level for the next chunk of ``raw_bytes`` that may take ``budget_s``.
+
+        ``queued_bytes``: bytes sent before it and not yet acknowledged (the chunk waits for
+        them on the wire, on top of its budget); ``queued_decode_s``: the receiver's time to
+        decode them (it acknowledges the next chunk only after). ``due_s``: seconds until the chunk is due
+        on the transfer's schedule (its arrival must also be within them). ``rest``: seconds
+        to the request's deadline and the raw bytes still to send, this chunk's included.
+        When no level fits but the fastest one, kept up for the rest, still makes the
+        deadline, the chunk goes at that level (catching up); recompute only when even that
+        cannot (judged on the steadier median throughput and the codec's own speed, its CPU
+        time: one stalled chunk is not a link, nor a busy machine a slow codec).
+        Predictions take the link and the codec as ``1 + margin`` times slower than estimated.
+        ``recompute=False``: the fastest form rather than a recompute (a chunk already due).
+        """
         bps = self.estimator.bps
         if bps is None:
             decision = Decision(self._chunk, self.start_level, budget_s, math.nan, None,
                                 "no throughput measured yet")
             return self._record(decision)
-        predicted = {lv: self.model.predict(lv, raw_bytes, bps, self._priors, overlap=self.overlap)
+        safe_bps = bps / (1 + self.margin)
+        wait = queued_bytes / safe_bps
+        predicted = {lv: max(self._arrival(lv, raw_bytes, safe_bps, wait), wait + queued_decode_s)
                      for lv in self.options()}
-        exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= budget_s]
+        limit = budget_s + wait if due_s is None else min(budget_s + wait, due_s)
+        exact = [lv for lv in predicted if lv in EXACT_LEVELS and predicted[lv] <= limit]
         if exact:
             level = min(exact, key=predicted.__getitem__)
             reason = ("encoding costs more than it saves" if level == RAW and "lossless" in predicted
                       else "exact form fits the budget")
             return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps, reason))
         for level in self.levels:
-            if predicted[level] <= budget_s:
+            if predicted[level] <= limit:
                 return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps,
                                              "best level that fits the budget"))
-        lowest = self.levels[-1]
-        if self.allow_recompute:
-            return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[lowest], bps,
-                                         f"even {lowest} misses the budget"))
-        return self._record(Decision(self._chunk, lowest, budget_s, predicted[lowest], bps,
+        # the form that arrives soonest: raw on a fast link; on a busy machine the lowest
+        # level's encoding may cost more than its fewer bytes save
+        fastest = min(predicted, key=predicted.__getitem__)
+        if rest is not None:
+            # recompute costs decode a whole prefill and cannot be taken back: only when the
+            # form fastest at the codec's own speed, kept up for the rest, would miss the
+            # deadline (and its grace) at the median of the recent rates (a stall is not a link)
+            seconds_left, bytes_left = rest
+            steady_bps = max(self.estimator.median_bps or bps, bps)
+            steady = min(self.model.predict(lv, max(bytes_left, raw_bytes), steady_bps, self._priors,
+                                            overlap=self.overlap, own_speed=True)
+                         for lv in self.options())
+            if queued_bytes / steady_bps + steady <= seconds_left or (
+                    self.estimator.samples < self.recompute_samples):
+                return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest],
+                                             bps, f"behind schedule: {fastest} catches up"))
+        if self.allow_recompute and recompute:
+            return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[fastest], bps,
+                                         f"even {fastest} misses the budget"))
+        return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest], bps,
                                      "misses the budget; recompute not allowed"))
+
+    def decode_s(self, level: str, raw_bytes: int) -> float:
+        """Predicted seconds to decode a chunk of ``raw_bytes`` sent at ``level``."""
+        if level not in self.model.costs:
+            return 0.0
+        return raw_bytes * self.model.stages(level, self._priors)[2]
+
+    def revise(self, previous: Decision, raw_bytes: int, budget_s: float, *,
+               drop: float = 3.0, **context) -> Decision | None:
+        """Choose again for the chunk of ``previous`` (made while the chunk before it was
+        on the wire, so as to encode meanwhile) when the acknowledgements since have
+        brought the estimate below ``1 / drop`` of what it was then (a link slowing down,
+        more than a busy machine's stall): a chunk chosen for a fast link and not sent yet
+        is not put on a link that has just slowed down. Returns the new decision when its
+        level differs (it replaces ``previous`` in the counts), else None; never a
+        recompute (the chunk goes at the fastest form: a recompute waits for the next
+        choice, on more than one slow sample). ``context``: as for :meth:`choose`."""
+        bps = self.estimator.bps
+        if previous.bps is None or bps is None or bps * drop > previous.bps:
+            return None
+        counts, chunk, last = dict(self.counts), self._chunk, self._last_level
+        self._chunk = previous.chunk
+        decision = self.choose(raw_bytes, budget_s, recompute=False, **context)
+        self._chunk = chunk
+        if decision.level == previous.level:
+            self.counts, self._last_level = counts, last
+            return None
+        self.counts[previous.level] -= 1
+        if not self.counts[previous.level]:
+            del self.counts[previous.level]
+        return dataclasses.replace(decision, reason=f"revised ({decision.reason})")
+
+    def _arrival(self, level: str, raw_bytes: int, bps: float, wait: float) -> float:
+        """Seconds until a chunk sent at ``level`` now is acknowledged, behind ``wait``
+        seconds of bytes already on the wire (which its encoding overlaps when pipelined)."""
+        cpu = 1 + self.margin
+        if not self.overlap:
+            return wait + self.model.predict(level, raw_bytes, bps, self._priors, cpu=cpu)
+        if not wait:
+            return self.model.predict(level, raw_bytes, bps, self._priors, overlap=True, cpu=cpu)
+        encode, ratio, _ = self.model.stages(level, self._priors)
+        return max(wait, raw_bytes * encode * cpu) + raw_bytes * ratio / bps
 
     def _record(self, decision: Decision) -> Decision:
         self._chunk += 1

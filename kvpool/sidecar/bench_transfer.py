@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import multiprocessing.shared_memory as shm
@@ -52,6 +53,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--adaptive-tokens", type=int, default=1024)
     parser.add_argument("--skip-adaptive", action="store_true")
+    parser.add_argument("--only-adaptive", action="store_true",
+                        help="run only the changing-bandwidth part (adaptive vs fixed levels)")
+    parser.add_argument("--adaptive-repeats", type=int, default=3, metavar="N",
+                        help="runs of each policy (figures are means, with their spread; each "
+                             "run is listed)")
+    parser.add_argument("--deadline-scales", type=float, nargs="+", metavar="X",
+                        help="run at the derived deadline times each X (default: 1.0; the "
+                             "first is the one reported under `adaptive`)")
+    parser.add_argument("--policies", nargs="+", metavar="POLICY",
+                        help="policies of the adaptive part (default: adaptive, raw, every level)")
 
 
 # ---- nixl_vs_shm -------------------------------------------------------------------------
@@ -248,76 +259,168 @@ def transfer_matrix(tokens: int, skipped: dict) -> dict:
 # ---- adaptive ------------------------------------------------------------------------------
 
 
-def greedy_match(tokens: int, levels: list[str], steps: int = 32) -> float:
+@functools.cache
+def _harness(tokens: int, steps: int):
+    """The prompt and its quality harness (the reference generation), made once per run."""
+    from kvpool.kernels.quality import QualityHarness
+    from kvpool.sidecar import realkv
+
+    real = realkv.prompt(tokens)
+    return real, QualityHarness(real, greedy_tokens=steps, ppl_tokens=1)
+
+
+@functools.cache
+def greedy_match(tokens: int, levels: tuple[str, ...], steps: int = 32) -> float:
     """Fraction of ``steps`` greedy tokens generated from the KV as delivered (each layer
     at its level; a recompute is exact) equal to those generated from the original KV
-    (teacher-forced, as :class:`kvpool.kernels.quality.QualityHarness` measures it)."""
+    (teacher-forced, as :class:`kvpool.kernels.quality.QualityHarness` measures it).
+    The same levels give the same figure: measured once."""
     from kvpool import kernels
-    from kvpool.kernels.quality import QualityHarness
-    from kvpool.sidecar import chunks, codec, linkstream, realkv
+    from kvpool.sidecar import chunks, codec, linkstream
 
     if "recompute" in levels:
         return 1.0
-    real = realkv.prompt(tokens)
-    harness = QualityHarness(real, greedy_tokens=steps, ppl_tokens=1)
+    real, harness = _harness(tokens, steps)
     raws = linkstream.layer_chunks(real.kv.keys, real.kv.values)
     ks, vs = [], []
-    for raw, level in zip(raws, levels + ["raw"] * (len(raws) - len(levels))):
+    for raw, level in zip(raws, list(levels) + ["raw"] * (len(raws) - len(levels))):
         back = codec.decode(codec.encode(raw, level), level)
         ks.append(chunks.from_bytes(back.keys, back.dtype, back.width))
         vs.append(chunks.from_bytes(back.values, back.dtype, back.width))
     return harness.measure(kernels.KVCache(keys=ks, values=vs)).greedy_match
 
 
-def adaptive_runs(tokens: int, skipped: dict) -> dict | None:
+DROP_AFTER = 6
+"""Chunks sent at 1 Gbit/s before the link drops to 100 Mbit/s."""
+
+
+def adaptive_deadline(tokens: int) -> float:
+    """The changing-bandwidth run's deadline, the same for every policy: what a plan that
+    knew the drop would need: raw at 1 Gbit/s up to it (x2), raw at 100 Mbit/s for the two
+    chunks on their way when it drops, then the fastest codec level as this machine runs
+    it now (median of 3 encodes: a busy machine's speed, not a quiet one's) at 100 Mbit/s
+    (x1.3). Feasible for a policy that switches in time, not for raw."""
+    from kvpool import kernels
+    from kvpool.sidecar import adaptive, realkv
+
+    keys, values = realkv.prompt_kv(tokens)
+    sample = kernels.KVCache(keys=[keys[0]], values=[values[0]])
+    model = adaptive.CodecModel.calibrate(lambda kv, lv: kernels.encode(kv, level=lv),
+                                          kernels.decode, sample, kernels.LEVELS, repeats=3,
+                                          statistic=statistics.median)
+    chunk_bytes = adaptive.raw_size(sample)
+    best = min(model.predict(lv, chunk_bytes, 12.5e6, {}, overlap=True) for lv in kernels.LEVELS)
+    return (DROP_AFTER * chunk_bytes / 125e6 * 2 + 2 * chunk_bytes / 12.5e6
+            + (len(keys) - DROP_AFTER - 2) * best * 1.3)
+
+
+def adaptive_runs(tokens: int, skipped: dict, policies: list[str] | None = None,
+                  repeats: int = 1, scales: list[float] | None = None) -> dict | None:
+    """Every policy on the same link schedule, ``repeats`` times in turn (so that the
+    machine's load hits each alike), for each deadline (the base one times each of
+    ``scales``); ``{deadline_ms: {policy: summary}}``."""
     reason = netns.unavailable()
     if reason:
         skipped["adaptive"] = reason
         return None
-    from kvpool import kernels
     from kvpool.kernels import LEVELS
-    from kvpool.sidecar import adaptive, realkv
 
-    drop_after = 6
-    out = {}
-    # The deadline: raw at 1 Gbit/s for the chunks before the drop (x2), raw at 100 Mbit/s
-    # for the two on their way when it drops, then the best level as this machine's codec
-    # runs now (x1.3): feasible for a policy that switches in time, not for raw.
-    keys, values = realkv.prompt_kv(tokens)
-    sample = kernels.KVCache(keys=[keys[0]], values=[values[0]])
-    model = adaptive.CodecModel.calibrate(lambda kv, lv: kernels.encode(kv, level=lv),
-                                          kernels.decode, sample, kernels.LEVELS)
-    chunk_bytes = adaptive.raw_size(sample)
-    layers = len(keys)
-    best = min(model.predict(lv, chunk_bytes, 12.5e6, {}, overlap=True) for lv in LEVELS)
-    deadline = (drop_after * chunk_bytes / 125e6 * 2 + 2 * chunk_bytes / 12.5e6
-                + (layers - drop_after - 2) * best * 1.3)
-    for policy in ("adaptive", "raw", *LEVELS):
-        console.print(f"[bold]adaptive[/] {policy} (deadline {deadline * 1e3:.0f} ms)")
-        try:
-            with netns.Link("1gbit", latency_ms=20) as link:
-                extra = ("--initial-mbps", "1000") if policy == "adaptive" else ()
-                done = grpc_stream(link, tokens, policy, deadline,
-                                   drop=(drop_after, "100mbit"), extra=extra)
-        except RuntimeError as exc:
-            skipped[f"adaptive/{policy}"] = str(exc)
-            out[policy] = None
-            continue
-        out[policy] = {"on_time": done["on_time"], "deadline_ms": deadline * 1e3, "met_deadline": done["met_deadline"],
-                       "finished_ms": done["finished_s"] * 1e3, "levels": done["levels"],
-                       "greedy_match": greedy_match(tokens, done["levels"])}
-    return out
+    base = adaptive_deadline(tokens)
+    deadlines = [base * scale for scale in scales or [1.0]]
+    runs: dict[float, dict[str, list[dict]]] = {d: {} for d in deadlines}
+    for repeat in range(repeats):
+        for deadline in deadlines:
+            for policy in policies or ("adaptive", "raw", *LEVELS):
+                console.print(f"[bold]adaptive[/] {policy} run {repeat + 1}/{repeats} "
+                              f"(deadline {deadline * 1e3:.0f} ms)")
+                got = runs[deadline].setdefault(policy, [])
+                try:
+                    with netns.Link("1gbit", latency_ms=20) as link:
+                        extra = ("--initial-mbps", "1000") if policy == "adaptive" else ()
+                        done = grpc_stream(link, tokens, policy, deadline,
+                                           drop=(DROP_AFTER, "100mbit"), extra=extra)
+                except RuntimeError as exc:
+                    skipped[f"adaptive/{policy}"] = str(exc)
+                    continue
+                chunks = done["chunks"]
+                got.append({
+                    "on_time": done["on_time"], "met_deadline": done["met_deadline"],
+                    "finished_ms": done["finished_s"] * 1e3, "levels": done["levels"],
+                    "greedy_match": greedy_match(tokens, tuple(done["levels"])),
+                    # wall over CPU seconds of the encodings: 1 on an idle core
+                    "encode_wall_per_cpu": (sum(c["encode_s"] for c in chunks)
+                                            / max(sum(c["encode_cpu_s"] for c in chunks), 1e-9))})
+    return {f"{d * 1e3:.0f}": {policy: _summary(got, d) for policy, got in by_policy.items()}
+            for d, by_policy in runs.items()}
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "stdev": statistics.pstdev(values),
+            "min": min(values), "max": max(values)}
+
+
+def _summary(runs: list[dict], deadline: float) -> dict | None:
+    """Means over the runs of one policy (the figures), their spread, and every run's own."""
+    if not runs:
+        return None
+    on_time = _spread([r["on_time"] for r in runs])
+    greedy = _spread([r["greedy_match"] for r in runs])
+    return {"on_time": on_time["mean"], "greedy_match": greedy["mean"],
+            "on_time_spread": on_time, "greedy_match_min": greedy["min"],
+            "deadline_ms": deadline * 1e3,
+            "finished_ms": statistics.fmean(r["finished_ms"] for r in runs),
+            "met_deadline": sum(r["met_deadline"] for r in runs) / len(runs),
+            "encode_wall_per_cpu": statistics.fmean(r["encode_wall_per_cpu"] for r in runs),
+            "runs": [{k: r[k] for k in ("on_time", "greedy_match", "finished_ms")} for r in runs],
+            "levels": [r["levels"] for r in runs]}
+
+
+def verdict(by_policy: dict, min_greedy: float = 0.95) -> dict | None:
+    """Whether adaptive beats every fixed level on mean ``on_time`` at a mean
+    ``greedy_match`` of at least ``min_greedy`` (the issue's target), and by how much."""
+    mine = by_policy.get("adaptive")
+    fixed = {p: s for p, s in by_policy.items() if p != "adaptive" and s}
+    if not mine or not fixed:
+        return None
+    best = max(fixed, key=lambda p: fixed[p]["on_time"])
+    return {"beats_every_fixed_level": (mine["greedy_match"] >= min_greedy and all(
+                mine["on_time"] > s["on_time"] for s in fixed.values())),
+            "best_fixed": best, "on_time_margin": mine["on_time"] - fixed[best]["on_time"]}
+
+
+def _adaptive_part(args: argparse.Namespace, skipped: dict, result: dict) -> None:
+    """``adaptive``: the figures at the first deadline; with several deadlines, each one's
+    under ``adaptive_by_deadline``; the verdict of each; the load before and after."""
+    result["load_before"] = os.getloadavg()
+    by_deadline = adaptive_runs(args.adaptive_tokens, skipped, args.policies,
+                                args.adaptive_repeats, args.deadline_scales)
+    result["load_after"] = os.getloadavg()
+    if by_deadline is None:
+        result["adaptive"] = None
+        return
+    first = next(iter(by_deadline))
+    result["adaptive"] = by_deadline[first]
+    result["adaptive_verdict"] = {ms: verdict(got) for ms, got in by_deadline.items()}
+    if len(by_deadline) > 1:
+        result["adaptive_by_deadline"] = by_deadline
 
 
 def run(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     result: dict = {"tokens": args.tokens,
                     "note": "measured on a shared 2-core machine under load from other work"}
+    if args.only_adaptive:
+        _adaptive_part(args, skipped, result)
+        result["skipped"] = skipped
+        print(json.dumps(result))
+        return 0
     console.print("[bold]nixl_vs_shm[/]")
     result.update(nixl_vs_shm(args.shm_mib * MiB, args.repeats))
     result["transfer"] = transfer_matrix(args.tokens, skipped)
-    result["adaptive"] = None if args.skip_adaptive else adaptive_runs(args.adaptive_tokens,
-                                                                       skipped)
+    if args.skip_adaptive:
+        result["adaptive"] = None
+    else:
+        _adaptive_part(args, skipped, result)
     result["skipped"] = skipped
     print(json.dumps(result))
     return 0

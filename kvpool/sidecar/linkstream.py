@@ -80,6 +80,9 @@ class ChunkReport:
     """Seconds from the transfer's start to the chunk's acknowledgement."""
     due_s: float
     """Seconds from the transfer's start by which the chunk should have arrived."""
+    encode_cpu_s: float = 0.0
+    """CPU seconds the encoding took (``encode_s`` is wall time: on a busy machine the
+    difference is the time other work took the core)."""
 
     @property
     def on_time(self) -> bool:
@@ -90,13 +93,16 @@ class ChunkReport:
 class StreamReport:
     policy: str
     deadline_s: float
+    total_chunks: int = 0
+    """Chunks of the whole KV (after a recompute, those never sent count as not on time)."""
     chunks: list[ChunkReport] = field(default_factory=list)
     recompute: bool = False
     finished_s: float = 0.0
 
     @property
     def on_time(self) -> float:
-        return sum(c.on_time for c in self.chunks) / len(self.chunks) if self.chunks else 0.0
+        total = max(self.total_chunks, len(self.chunks))
+        return sum(c.on_time for c in self.chunks) / total if total else 0.0
 
     @property
     def met_deadline(self) -> bool:
@@ -122,8 +128,22 @@ def layer_chunks(keys, values) -> list[pb.RawChunk]:
     return out
 
 
+def _budget(policy: adaptive.LevelPolicy, deadline: adaptive.TransferDeadline, raw_bytes: int,
+            pending=None) -> dict:
+    """The arguments of ``LevelPolicy.choose`` for the next chunk, now: its share of the
+    time left, the chunk still on the wire ahead of it (bytes, and its decoding: the receiver
+    acknowledges the next one after), its due instant, the rest."""
+    now = time.monotonic()
+    queued = pending[0] if pending is not None else None
+    return {"budget_s": deadline.chunk_budget(raw_bytes, now),
+            "queued_bytes": queued.wire_bytes if queued else 0,
+            "queued_decode_s": policy.decode_s(queued.level, queued.raw_bytes) if queued else 0.0,
+            "due_s": deadline.due(raw_bytes) - now, "rest": deadline.rest(now)}
+
+
 def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolicy | str,
-         deadline_s: float, *, on_chunk=None, hold=None, timeout: float = 120.0) -> StreamReport:
+         deadline_s: float, *, on_chunk=None, hold=None, timeout: float = 120.0,
+         reserve: float = 0.05) -> StreamReport:
     """Stream ``raw_chunks`` to a ``serve`` end at ``target`` within ``deadline_s``.
 
     ``policy`` is a :class:`~kvpool.sidecar.adaptive.LevelPolicy` (per-chunk choice, fed
@@ -131,10 +151,11 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
     stream: decode would run the prefill itself. ``on_chunk(report)`` is called per chunk.
     ``hold(report)`` is called after each acknowledgement, before the next chunk goes out;
     the time it takes is left out of the transfer's clock (a caller that changes the link
-    there knows which chunks crossed the old link and which the new one).
+    there knows which chunks crossed the old link and which the new one). The policy's
+    schedule ends ``reserve`` of ``deadline_s`` early; the report's due times do not.
     """
     name = policy if isinstance(policy, str) else policy.name
-    report = StreamReport(name, deadline_s)
+    report = StreamReport(name, deadline_s, total_chunks=len(raw_chunks))
     total = sum(len(c.keys) + len(c.values) for c in raw_chunks)
     num_layers = max((c.key.layer for c in raw_chunks), default=-1) + 1
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -157,7 +178,11 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
             response_deserializer=pb.PushReply.FromString)(requests(), timeout=timeout)
         acks.initial_metadata()  # nor is opening the stream (else the first sample is slow)
         start = time.monotonic()
-        deadline = adaptive.TransferDeadline(start + deadline_s, total)
+        # the policy plans to finish ``reserve`` of the time early (a stall of a busy machine
+        # at the last chunk does not make the whole KV late); a recompute only pays once the
+        # KV would be later than a fifth of the deadline
+        deadline = adaptive.TransferDeadline(start + deadline_s * (1 - reserve), total,
+                                             start=start, grace_s=(0.2 + reserve) * deadline_s)
         sent_raw = 0
         pending: tuple | None = None  # the chunk on the wire: (report, handoff time)
         last_ack = 0.0
@@ -173,7 +198,8 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
             chunk.arrived_s = time.monotonic() - start
             last_ack = now
             if not isinstance(policy, str):
-                policy.estimator.observe(chunk.wire_bytes, chunk.wire_s)
+                policy.estimator.observe(chunk.wire_bytes, chunk.wire_s,
+                                         at=time.monotonic() - start)
             report.chunks.append(chunk)
             if on_chunk is not None:
                 on_chunk(chunk)
@@ -182,16 +208,18 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
                 hold(chunk)
                 held = time.monotonic() - t0
                 start += held
-                deadline.deadline += held
+                deadline.shift(held)
 
         for i, raw in enumerate(raw_chunks):
             raw_bytes = len(raw.keys) + len(raw.values)
             sent_raw += raw_bytes
             due = deadline_s * sent_raw / total
+            decision = None
             if isinstance(policy, str):
                 level = policy
             else:
-                level = policy.choose(raw_bytes, deadline.chunk_budget(raw_bytes)).level
+                decision = policy.choose(raw_bytes, **_budget(policy, deadline, raw_bytes, pending))
+                level = decision.level
             if level == adaptive.RECOMPUTE:
                 report.recompute = True
                 if pending is not None:
@@ -200,21 +228,30 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
                 report.chunks.append(ChunkReport(i, level, raw_bytes, 0, 0.0, 0.0,
                                                  time.monotonic() - start, due))
                 break
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             payload = codec.encode(raw, level, num_layers)  # overlaps the previous chunk's wire time
-            t1 = time.perf_counter()
-            if not isinstance(policy, str) and level != adaptive.RAW:
-                policy.model.observe(level, raw_bytes, len(payload), t1 - t0)
+            t1, c1 = time.perf_counter(), time.thread_time()
             if pending is not None:
                 settle()
+                if decision is not None:  # the acknowledgement may show the link slowed down
+                    revised = policy.revise(decision, raw_bytes,
+                                            **_budget(policy, deadline, raw_bytes))
+                    if revised is not None:
+                        level = revised.level
+                        c0, t0 = time.thread_time(), time.perf_counter()
+                        payload = codec.encode(raw, level, num_layers)
+                        t1, c1 = time.perf_counter(), time.thread_time()
+            if not isinstance(policy, str) and level != adaptive.RAW:
+                policy.model.observe(level, raw_bytes, len(payload), t1 - t0,
+                                     encode_cpu_s=c1 - c0)
             with ready:
                 outbox.append(pb.WireChunk(key=raw.key, level=level, payload=payload,
                                            crc32c=google_crc32c.value(payload),
                                            raw_bytes=raw_bytes))
                 ready.notify_all()
             deadline.sent(raw_bytes)
-            pending = (ChunkReport(i, level, raw_bytes, len(payload), t1 - t0, 0.0, 0.0, due),
-                       time.perf_counter())
+            pending = (ChunkReport(i, level, raw_bytes, len(payload), t1 - t0, 0.0, 0.0, due,
+                                   c1 - c0), time.perf_counter())
         if pending is not None:
             settle()
         with ready:
@@ -268,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
 
         sample = kernels.KVCache(keys=[keys[0]], values=[values[0]])
         model = adaptive.CodecModel.calibrate(lambda kv, lv: kernels.encode(kv, level=lv),
-                                              kernels.decode, sample, kernels.LEVELS)
+                                              kernels.decode, sample, kernels.LEVELS,
+                                              repeats=3)
         initial = args.initial_mbps * 1e6 / 8 if args.initial_mbps else None
         policy: adaptive.LevelPolicy | str = adaptive.LevelPolicy(
-            model, adaptive.ThroughputEstimator(initial_bps=initial), overlap=True)
+            model, adaptive.ThroughputEstimator(initial_bps=initial), overlap=True, margin=0.2)
     else:
         policy = codec.check_level(args.policy)
     _emit({"event": "ready", "chunks": len(raw_chunks)})
