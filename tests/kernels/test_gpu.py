@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpool.kernels import CodecError, Profile, decode, encode
+from kvpool.kernels import CodecError, Profile, decode, encode, peek
 from tests.conftest import cuda_available
 
 from .conftest import synthetic_kv

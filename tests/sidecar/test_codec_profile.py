@@ -11,7 +11,7 @@ from kvpool.sidecar.proto import sidecar_pb2 as pb
 if "default" not in codec.levels():
     pytest.skip("the codec's lossy levels are not built here", allow_module_level=True)
 
-from kvpool.kernels import KVCache, Profile, peek  # noqa: E402
+from kvpool.kernels import KVCache, Profile, peek
 
 LAYERS, TOKENS, WIDTH = 3, 192, 128
 
