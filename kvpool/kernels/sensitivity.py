@@ -21,9 +21,6 @@ from kvpool.kernels import KVCache, decode, encode
 from kvpool.kernels.levels import PROBE
 from kvpool.kernels.realkv import RealKV, cache_from_kv
 
-PROBE_LEVEL = PROBE
-"""The coarsest level: its errors show where the model is sensitive."""
-
 GROUPS = 6
 """Layer groups measured (2 * GROUPS forward passes over the continuation)."""
 
@@ -37,7 +34,7 @@ def measure(real: RealKV, *, positions: int = 128, groups: int = GROUPS) -> np.n
     if inputs.numel() < positions or positions < 1:
         raise ValueError(f"{positions} tokens after the prompt are needed, {inputs.numel()} given")
     n = len(real.kv.keys)
-    coarse = decode(encode(real.kv, PROBE_LEVEL))
+    coarse = decode(encode(real.kv, PROBE))
 
     def logp(kv: KVCache) -> torch.Tensor:
         cache = cache_from_kv(real.cache, kv)

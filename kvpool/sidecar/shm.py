@@ -42,7 +42,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -88,6 +88,26 @@ def default_dir() -> str:
 
 def enabled(directory: str) -> bool:
     return directory.strip().lower() not in OFF
+
+
+@contextlib.contextmanager
+def _if_unlocked(path: Path) -> Iterator[bool]:
+    """Whether no live process holds ``path``'s lock: taken here for the body, so that its
+    owner cannot come back meanwhile (False when the file is gone or another user's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _aligned(n: int) -> int:
@@ -207,20 +227,13 @@ class SegmentDir:
             match = _INSTANCE.fullmatch(lock.name)
             if match is None or match.group(1) == self.instance:
                 continue
-            try:
-                fd = os.open(lock, os.O_RDONLY)
-            except OSError:  # gone, or another user's
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # alive
-            finally:
-                os.close(fd)
-            for stale in self.directory.glob(f"{PREFIX}{match.group(1)}[-.]*"):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-                    removed += 1
+            with _if_unlocked(lock) as gone:
+                if not gone:
+                    continue  # alive
+                for stale in self.directory.glob(f"{PREFIX}{match.group(1)}[-.]*"):
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
+                        removed += 1
         if removed:
             log.info("removed stale shared-memory files", extra={"files": removed})
         return removed
@@ -232,19 +245,13 @@ class SegmentDir:
             try:
                 if time.time() - path.stat().st_ctime < PUT_GRACE_S:
                     continue  # maybe just made, not locked yet
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:  # gone, or another user's
+            except OSError:  # gone
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its connector lives
-            else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                    removed += 1
-            finally:
-                os.close(fd)
+            with _if_unlocked(path) as gone:
+                if gone:  # its connector no longer holds it
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                        removed += 1
         return removed
 
     def read_put(self, shared: pb.SharedChunk) -> pb.RawChunk:
