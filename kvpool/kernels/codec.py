@@ -15,7 +15,7 @@ import google_crc32c
 import numpy as np
 
 from kvpool.kernels import _codec, levels
-from kvpool.kernels.errors import CodecError
+from kvpool.kernels.errors import CodecError, ProfileMismatch
 
 if TYPE_CHECKING:
     from kvpool.kernels.profile import Profile
@@ -270,7 +270,8 @@ def decode(
     dtype, e.g. views of a shared-memory segment); CodecError when they do not fit.
 
     Any truncated, corrupt or hostile input raises CodecError (never a crash, never
-    silently wrong data). A chunk naming a profile needs that profile (else CodecError).
+    silently wrong data). A chunk naming a profile needs that profile (else
+    ProfileMismatch, a CodecError).
     ``max_raw_bytes`` bounds what a frame may decode to (a small frame can stand for up to
     ~500 times its size): a frame whose header asks for more is refused before anything
     is allocated.
@@ -288,10 +289,10 @@ def decode(
     if h["flags"] & FLAG_PROFILE:
         want = h["profile_hash"].hex()
         if profile is None:
-            raise CodecError(f"the chunk needs profile {want}; none given")
+            raise ProfileMismatch(f"the chunk needs profile {want}; none given")
         first = profile.locate(want, len(h["layers"]))
         if first is None:
-            raise CodecError(f"the chunk needs profile {want}, not {profile.hash}")
+            raise ProfileMismatch(f"the chunk needs profile {want}, not {profile.hash}")
         tables = profile.tables_for(h["anchor_group"], h["layers"],
                                     bool(h["flags"] & FLAG_CONTEXTS), first)
     dtype = getattr(torch, DTYPES[h["dtype"]])

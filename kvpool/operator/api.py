@@ -45,6 +45,7 @@ FailurePolicy = Literal["recompute", "fail"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 TLSMode = Literal["mTLS", "plaintext"]
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,6 +150,77 @@ class TLSSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ClaimSource:
+    """A PersistentVolumeClaim that holds the profile file (ReadOnlyMany, or ReadWriteMany,
+    when the pool's pods run on several nodes)."""
+
+    claim_name: str = field(
+        "Name of the PersistentVolumeClaim, in the pool's namespace.",
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    )
+    read_only: bool = field(
+        "Attach the volume read-only (the sidecars only read the profile; the mount is "
+        "read-only either way).",
+        default=True,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageSource:
+    """An OCI image (or artifact) whose files hold the profile, mounted as an image volume
+    (Kubernetes 1.31+ with the ImageVolume feature, and a container runtime that has it)."""
+
+    reference: str = field(
+        "Image reference, e.g. registry.example/profiles/llama-3.1-8b:v1.",
+        max_length=512,
+        pattern=r"^\S+$",
+    )
+    pull_policy: PullPolicy | None = field(
+        "Always, IfNotPresent or Never; default: Always for :latest, else IfNotPresent.",
+        default=None,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProfileSpec:
+    """The model's codec profile (``kvpool profile``) that the sidecars of both roles code
+    lossy chunks with: one volume, mounted read-only into every sidecar, so that prefill and
+    decode hold the same file."""
+
+    persistent_volume_claim: ClaimSource | None = field(
+        "The profile is on this PersistentVolumeClaim.", default=None
+    )
+    image: ImageSource | None = field("The profile is in this image.", default=None)
+    path: str = field(
+        "The profile file, relative to the volume's root, e.g. llama-3.1-8b.kvprofile.",
+        max_length=1024,
+    )
+
+    __cel__ = (
+        Rule(
+            "has(self.persistentVolumeClaim) != has(self.image)",
+            "profile needs exactly one source: persistentVolumeClaim or image",
+        ),
+        Rule(
+            "self.path != '' && !self.path.endsWith('/')",
+            "path names a file inside the volume",
+            ".path",
+        ),
+        Rule(
+            "!self.path.startsWith('/')",
+            "path is relative to the volume's root: no leading /",
+            ".path",
+        ),
+        Rule(
+            "!self.path.matches('(^|/)[.][.](/|$)')",
+            "path must stay inside the volume: no .. segment",
+            ".path",
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TransferSpec:
     """How the KV cache moves from prefill to decode."""
 
@@ -200,6 +272,12 @@ class TransferSpec:
         maximum=600000,
     )
     tls: TLSSpec = field("Security of the sidecars' peer API.", default=TLSSpec())
+    profile: ProfileSpec | None = field(
+        "The model's codec profile (kvpool profile): lossy chunks then carry no tables and "
+        "code smaller; every sidecar of the pool gets the same file. cachegen codec, lossy "
+        "levels only.",
+        default=None,
+    )
 
     __cel__ = (
         Rule(
@@ -211,6 +289,12 @@ class TransferSpec:
             "self.codec == 'cachegen' || (self.level == 'adaptive' && !self.lossless)",
             "level and lossless apply to the cachegen codec only",
             ".codec",
+        ),
+        Rule(
+            "!has(self.profile) || (self.codec == 'cachegen' && !self.lossless)",
+            "profile applies to the lossy levels of the cachegen codec only (not raw, not "
+            "lossless)",
+            ".profile",
         ),
     )
 
@@ -311,7 +395,8 @@ class TransferStatus:
                                 minimum=0)
     sidecars: str = field("Sidecars that answered / worker pods running.", default="0/0")
     failure_reasons: dict[str, int] = field(
-        "Failed transfers by reason (peer, timeout, checksum, codec, peer_restarted, ...).",
+        "Failed transfers by reason (peer, timeout, checksum, codec, profile_mismatch, "
+        "peer_restarted, ...).",
         default={})
     transports: dict[str, int] = field("Transfers by the transport they crossed on (grpc, nixl).",
                                        default={})

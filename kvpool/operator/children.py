@@ -26,6 +26,10 @@ every command with the real parsers):
   the operator generates once: :func:`tls_secret`), and its probes move from the gRPC
   peer port (kubelet's gRPC probe speaks plaintext) to ``/transfer/health`` on the
   metrics port.
+- codec profile (``transfer.profile``): its volume (a PersistentVolumeClaim or an image,
+  ``kvpool-profile``) is mounted read-only into the sidecar of every worker, prefill and
+  decode alike, at ``/etc/kvpool/profile``; the sidecar gets ``--profile`` with the file
+  there, so both ends of a transfer hold the same profile.
 - shared memory: an ``emptyDir`` with ``medium: Memory`` (``kvpool-shm``, size limit
   ``shm_size_mib``) mounted into both containers at ``shm_dir``; the sidecar gets
   ``--shm-dir`` and ``--shm-max-mb`` (7/8 of the limit), the connector ``shm_dir``, and
@@ -57,6 +61,8 @@ KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 SOCKET_NAME = "sidecar.sock"
 TLS_DIR = "/etc/kvpool/tls"
 """Where the sidecar container finds the pool's TLS Secret."""
+PROFILE_DIR = "/etc/kvpool/profile"
+"""Where the sidecar container finds the volume that holds the pool's codec profile."""
 SIDECAR_UID = 65532
 """The sidecar's non-root user (and the group that may read the TLS Secret's files)."""
 PREFILL_MAX_SEQS = 256
@@ -159,6 +165,24 @@ def tls_secret(pool: PoolRef, data: Mapping[str, bytes]) -> dict[str, Any]:
         "type": "kubernetes.io/tls",
         "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())},
     }
+
+
+def profile_volume(spec: api.KVCachePoolSpec) -> dict[str, Any] | None:
+    """The volume the pool's codec profile comes from (``kvpool-profile``); None without one.
+    The API's sources have the fields of core/v1's, under the same names."""
+    profile = spec.transfer.profile
+    if profile is None:
+        return None
+    if profile.persistent_volume_claim is not None:
+        return {"name": "kvpool-profile",
+                "persistentVolumeClaim": schema.dump(profile.persistent_volume_claim)}
+    return {"name": "kvpool-profile", "image": schema.dump(profile.image)}
+
+
+def profile_file(spec: api.KVCachePoolSpec) -> str | None:
+    """The sidecars' ``--profile``: the file in the volume, where the sidecar mounts it."""
+    profile = spec.transfer.profile
+    return None if profile is None else f"{PROFILE_DIR}/{profile.path}"
 
 
 def _seconds(ms: int) -> str:
@@ -267,8 +291,11 @@ def _sidecar_container(
     pool: PoolRef, role: str, spec: api.KVCachePoolSpec, settings: RenderSettings
 ) -> dict[str, Any]:
     tls = tls_secret_name(pool.name, spec) is not None
+    profile = profile_file(spec)
     mounts: list[dict[str, Any]] = [{"name": "kvpool-socket", "mountPath": settings.socket_dir},
                                     {"name": "kvpool-shm", "mountPath": settings.shm_dir}]
+    if profile is not None:
+        mounts.append({"name": "kvpool-profile", "mountPath": PROFILE_DIR, "readOnly": True})
     if tls:
         mounts.append({"name": "kvpool-tls", "mountPath": TLS_DIR, "readOnly": True})
         # kubelet's gRPC probe speaks plaintext: the metrics port answers once the sidecar
@@ -295,6 +322,8 @@ def _sidecar_container(
             "--shm-dir", settings.shm_dir,
             "--shm-max-mb", str(settings.shm_size_mib * 7 // 8),
             *(["--tls-dir", TLS_DIR] if tls else []),
+            # $$: the kubelet would expand a $(VAR) in the file's name
+            *(["--profile", profile.replace("$", "$$")] if profile is not None else []),
         ],
         "ports": [
             {"name": "kv", "containerPort": settings.sidecar_port, "protocol": "TCP"},
@@ -383,6 +412,9 @@ def _worker_deployment(
         # Readable by the sidecar's group only (fsGroup), not by everyone in the pod.
         volumes.append({"name": "kvpool-tls",
                         "secret": {"secretName": secret, "defaultMode": 0o440}})
+    profile = profile_volume(spec)
+    if profile is not None:
+        volumes.append(profile)
     pod_spec: dict[str, Any] = {
         "containers": [
             _vllm_container(pool, role, spec, settings),

@@ -7,7 +7,8 @@ Both directions take and return one layer's chunk as a :class:`RawChunk` message
 
 With a model profile (``kvpool profile``; the sidecar's ``--profile``), lossy chunks of that
 model code with the profile's statistics and tables for their layer (rate-distortion bins,
-context tables, nothing carried in the chunk); the decoding side needs the same profile.
+context tables, nothing carried in the chunk); the decoding side needs the same profile
+(else :class:`ProfileMismatch`, reason ``profile_mismatch``: decode recomputes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ RAW = "raw"
 
 class ChunkCodecError(ValueError):
     """A chunk could not be encoded or decoded (unknown level, corrupt payload)."""
+
+    reason = "codec"
+    """The failure reason of a transfer that meets this error (metrics, health)."""
+
+
+class ProfileMismatch(ChunkCodecError):
+    """A chunk coded with a model profile this side does not hold (no ``--profile``, or
+    another file): the sidecars of a pair need the same profile."""
+
+    reason = "profile_mismatch"
+
+
+def _decode_error(kernels, exc: Exception) -> ChunkCodecError:
+    """The sidecar's error for the codec's ``exc`` raised while decoding a chunk."""
+    if isinstance(exc, kernels.ProfileMismatch):
+        return ProfileMismatch(f"{exc} (both sidecars of a pair need the same --profile)")
+    return ChunkCodecError(str(exc))
 
 
 @functools.cache
@@ -115,8 +133,8 @@ def to_kvcache(chunk: pb.RawChunk):
 
 
 def decode(payload: bytes, level: str, profile=None) -> pb.RawChunk:
-    """The inverse of :func:`encode` (the key left empty); ChunkCodecError when malformed
-    or when it names a profile other than ``profile``."""
+    """The inverse of :func:`encode` (the key left empty); ChunkCodecError when malformed,
+    ProfileMismatch when it names a profile other than ``profile``."""
     if level == RAW:
         raw = pb.RawChunk()
         try:
@@ -132,7 +150,7 @@ def decode(payload: bytes, level: str, profile=None) -> pb.RawChunk:
     try:
         kv = kernels.decode(payload, profile)
     except kernels.CodecError as exc:
-        raise ChunkCodecError(str(exc)) from exc
+        raise _decode_error(kernels, exc) from exc
     if len(kv.keys) != 1 or len(kv.values) != 1:
         raise ChunkCodecError(f"a chunk holds one layer, this one {len(kv.keys)}")
     keys, values = torch.as_tensor(kv.keys[0]), torch.as_tensor(kv.values[0])
@@ -148,7 +166,7 @@ def decode_into(payload: bytes, level: str, region: np.ndarray, profile=None) ->
     """Decode a chunk into ``region`` (uint8, exactly the size of its keys then values,
     e.g. a shared-memory mapping): the codec writes there directly, a raw chunk is copied
     once. Returns the chunk's dtype name and width; ChunkCodecError when malformed or when
-    its size is not the region's."""
+    its size is not the region's, ProfileMismatch as :func:`decode`."""
     if level == RAW:
         raw = decode(payload, RAW)
         if len(raw.keys) + len(raw.values) != len(region):
@@ -169,5 +187,5 @@ def decode_into(payload: bytes, level: str, region: np.ndarray, profile=None) ->
         width = info.layers[0][1]
         kernels.decode(payload, profile, out=list(chunks.planes(region, info.dtype, width)))
     except kernels.CodecError as exc:
-        raise ChunkCodecError(str(exc)) from exc
+        raise _decode_error(kernels, exc) from exc
     return info.dtype, width

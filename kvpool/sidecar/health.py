@@ -104,8 +104,9 @@ class TransferHealth:
         self._wire.inc(wire_bytes)
 
     def transfer_failed(self, reason: str, *, recomputed: bool = True) -> None:
-        """A transfer failed (``reason``: timeout, checksum, peer, peer_restarted, ...); by
-        default decode recomputed the request, which is counted as a fallback too."""
+        """A transfer failed (``reason``: timeout, checksum, peer, peer_restarted, codec,
+        profile_mismatch, ...); by default decode recomputed the request, which is counted
+        as a fallback too."""
         self._add(_Event(self._clock(), "failed", 0, 0, 0.0, reason))
         if recomputed:
             self._recomputes.labels(reason).inc()

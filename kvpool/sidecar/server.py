@@ -659,7 +659,7 @@ class LocalService(pb_grpc.LocalServicer):
                 s.metrics.raw_bytes.labels("decoded").inc(nbytes)
                 yield reply
         except (TransferFailed, codec.ChunkCodecError) as exc:
-            reason = exc.reason if isinstance(exc, TransferFailed) else "codec"
+            reason = exc.reason  # the transfer's, or the codec's: codec, profile_mismatch
             s.metrics.failures.labels("decode", reason).inc()
             s.metrics.transfers.labels("decode", "failed").inc()
             s.health.transfer_failed(reason)

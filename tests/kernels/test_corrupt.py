@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpool.kernels import CodecError, KVCache, decode, encode, peek
+from kvpool.kernels import CodecError, KVCache, ProfileMismatch, decode, encode, peek
 
 from .conftest import synthetic_kv
 
@@ -125,10 +125,10 @@ def test_profile_chunk_needs_its_profile(profile_samples) -> None:
     profile = Profile.build(profile_samples, model="synthetic")
     kv = profile_samples[0]
     data = encode(kv, "default", profile)
-    with pytest.raises(CodecError, match="needs profile"):
+    with pytest.raises(ProfileMismatch, match="needs profile"):
         decode(data)
     other = Profile.build(profile_samples[1:], model="synthetic")
-    with pytest.raises(CodecError, match="needs profile"):
+    with pytest.raises(ProfileMismatch, match="needs profile"):
         decode(data, other)
 
 

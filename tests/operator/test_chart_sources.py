@@ -4,9 +4,11 @@ chart equal to it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kvpool import cli
 from kvpool.operator import api, crd, rbac, schema, validation
@@ -93,15 +95,30 @@ def test_operator_command_line_is_what_kvpool_operator_accepts(
     assert not args.standalone  # several replicas: kopf peering stays on
 
 
-@pytest.mark.parametrize("path", EXAMPLE_POOLS, ids=lambda p: p.name)
-def test_example_pools_are_valid(path: Path) -> None:
-    (pool,) = load_yaml_documents([path])
+def valid_pool(pool: Object) -> api.KVCachePoolSpec:
+    """``pool``'s spec, once checked as the API server and the operator check it."""
     assert pool["apiVersion"] == api.API_VERSION and pool["kind"] == api.KIND
     assert len(pool["metadata"]["name"]) <= api.MAX_NAME_LENGTH
     validate(pool, chart_crds())  # the CRD's structural schema, unknown fields rejected
     spec = api.load_spec(pool["spec"])  # the operator's own reading, with its defaults
     # The CRD's CEL rules, on the pool as the API server sees it once defaulted.
     assert validation.violations({"metadata": pool["metadata"], "spec": schema.dump(spec)}) == []
+    return spec
+
+
+@pytest.mark.parametrize("path", EXAMPLE_POOLS, ids=lambda p: p.name)
+def test_example_pools_are_valid(path: Path) -> None:
+    (pool,) = load_yaml_documents([path])
+    valid_pool(pool)
+
+
+def test_the_gpu_examples_commented_profile_is_valid() -> None:
+    """examples/pool.yaml shows ``transfer.profile`` commented out: uncommented, it holds."""
+    text = (EXAMPLES / "pool.yaml").read_text()
+    uncommented = re.sub(r"^( +)# (profile:|  \S.*)$", r"\1\2", text, flags=re.MULTILINE)
+    spec = valid_pool(yaml.safe_load(uncommented))
+    assert spec.transfer.profile is not None
+    assert spec.transfer.profile.persistent_volume_claim is not None
 
 
 def test_examples_cover_gpu_and_cpu() -> None:

@@ -46,7 +46,9 @@ CASES: dict[str, dict[str, Any]] = {
         "decode": {"replicas": 4, "gpus": 1},
         "transfer": {"transport": "nixl", "codec": "cachegen", "level": "low",
                      "blockSize": 32, "chunkTokens": 512, "failurePolicy": "fail",
-                     "timeoutMs": 2000, "tls": {"secretName": "llama-peer-certs"}},
+                     "timeoutMs": 2000, "tls": {"secretName": "llama-peer-certs"},
+                     "profile": {"persistentVolumeClaim": {"claimName": "kv-profiles"},
+                                 "path": "llama-3.1-8b/v1.kvprofile"}},
         "router": {"replicas": 2, "serviceType": "LoadBalancer", "port": 80},
         "sidecar": {"image": "registry.example/kvpool:0.1.0",
                     "resources": {"requests": {"cpu": 2, "memory": "8Gi"}}},
@@ -111,6 +113,48 @@ def test_roles_get_connector_roles_gpus_and_shared_socket() -> None:
     prefill_vllm = objs["Deployment", "demo-prefill"]["spec"]["template"]["spec"]["containers"][0]
     assert prefill_vllm["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert prefill_vllm["args"][-3:] == ["--max-model-len", "32768", "--enable-prefix-caching"]
+
+
+IMAGE = "registry.example/profiles/smollm:v1"
+PROFILE_SOURCES = {  # the pool's source -> the pod's volume
+    "claim": ({"persistentVolumeClaim": {"claimName": "kv-profiles"}},
+              {"persistentVolumeClaim": {"claimName": "kv-profiles", "readOnly": True}}),
+    "claim-read-write": ({"persistentVolumeClaim": {"claimName": "p", "readOnly": False}},
+                         {"persistentVolumeClaim": {"claimName": "p", "readOnly": False}}),
+    "image": ({"image": {"reference": IMAGE}}, {"image": {"reference": IMAGE}}),
+    "image-pull-policy": ({"image": {"reference": IMAGE, "pullPolicy": "Always"}},
+                          {"image": {"reference": IMAGE, "pullPolicy": "Always"}}),
+}
+
+
+@pytest.mark.parametrize("source", sorted(PROFILE_SOURCES))
+def test_profile_volume_is_mounted_read_only_into_every_sidecar(source: str) -> None:
+    """One volume for both roles, so that prefill and decode hold the same file; mounted
+    into the sidecar only, read-only, and named by --profile."""
+    given, volume = PROFILE_SOURCES[source]
+    spec = api.load_spec({**CASES["minimal"], "transfer": {
+        "level": "default", "profile": {**given, "path": "smollm/v1.kvprofile"}}})
+    objects = children.render(POOL, spec, SETTINGS)
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    objs = by_key(objects)
+    for role in api.ROLES:
+        pod = objs["Deployment", f"demo-{role}"]["spec"]["template"]["spec"]
+        assert {"name": "kvpool-profile", **volume} in pod["volumes"]
+        vllm, sidecar = pod["containers"]
+        assert {"name": "kvpool-profile", "mountPath": children.PROFILE_DIR,
+                "readOnly": True} in sidecar["volumeMounts"]
+        assert all(m["name"] != "kvpool-profile" for m in vllm["volumeMounts"])
+        flag = sidecar["args"].index("--profile")
+        assert sidecar["args"][flag + 1] == f"{children.PROFILE_DIR}/smollm/v1.kvprofile"
+
+
+def test_no_profile_no_volume_no_flag() -> None:
+    for obj in rendered("minimal"):
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] != "demo-router":
+            pod = obj["spec"]["template"]["spec"]
+            assert all(v["name"] != "kvpool-profile" for v in pod["volumes"])
+            assert "--profile" not in pod["containers"][1]["args"]
 
 
 def test_autoscaled_role_leaves_replicas_to_the_hpa() -> None:

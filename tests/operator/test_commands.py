@@ -31,6 +31,10 @@ POOLS: dict[str, dict[str, Any]] = {
     "fixed-level": {**CASES["minimal"],
                     "transfer": {"level": "high", "ttftTargetMs": 500, "chunkTokens": 512}},
     "plaintext": {**CASES["minimal"], "transfer": {"tls": {"mode": "plaintext"}}},
+    # A file name the kubelet would expand, were it not escaped.
+    "profile-image": {**CASES["minimal"], "transfer": {"profile": {
+        "image": {"reference": "registry.example/profiles/smollm:v1"},
+        "path": "smollm/$(KVPOOL_LEVEL).kvprofile"}}},
 }
 
 
@@ -126,6 +130,13 @@ def test_sidecar_command_parses_with_the_pools_transfer_settings(case: str, role
     assert args.ttft_target_ms == spec.transfer.ttft_target_ms
     assert args.transfer_timeout_s == spec.transfer.timeout_ms / 1000
     sidecar = next(c for c in pod.spec["containers"] if c["name"] == "sidecar")
+    profile = spec.transfer.profile
+    if profile is None:
+        assert not args.profile
+    else:  # --profile is the file inside the profile's volume, mounted read-only
+        mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "kvpool-profile")
+        assert mount["readOnly"] is True
+        assert args.profile == f"{mount['mountPath']}/{profile.path}"
     secret = children.tls_secret_name("demo", spec)
     for probe in ("readinessProbe", "livenessProbe"):
         if secret is None:  # plaintext: the gRPC health service on the peer port
@@ -148,7 +159,8 @@ def test_sidecar_levels_follow_codec_and_lossless() -> None:
     levels = {case: kvpool_args(Pod(rendered(case), "demo-prefill").argv["sidecar"]).level
               for case in POOLS}
     assert levels == {"minimal": "adaptive", "full": "low", "raw": "raw",
-                      "lossless": "lossless", "fixed-level": "high", "plaintext": "adaptive"}
+                      "lossless": "lossless", "fixed-level": "high", "plaintext": "adaptive",
+                      "profile-image": "adaptive"}
 
 
 @pytest.mark.parametrize("case", sorted(POOLS))

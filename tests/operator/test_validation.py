@@ -66,6 +66,15 @@ def test_good_pools_pass_schema_and_cel(case: str) -> None:
     assert validation.violations(defaulted(obj)) == []
 
 
+CLAIM = {"persistentVolumeClaim": {"claimName": "kv-profiles"}}
+IMAGE = {"image": {"reference": "registry.example/profiles/smollm:v1"}}
+
+
+def with_profile(profile: dict[str, Any], **transfer: Any) -> dict[str, Any]:
+    return with_("minimal", transfer__profile=profile,
+                 **{f"transfer__{k}": v for k, v in transfer.items()})
+
+
 CEL_BAD = {
     "decode-zero": (with_("minimal", decode__replicas=0), "decode.replicas must be at least 1"),
     "nixl-on-cpu": (with_("minimal", transfer__transport="nixl", decode__gpus=0),
@@ -83,6 +92,24 @@ CEL_BAD = {
                             "secretName applies to mode mTLS only"),
     "gpu-in-sidecar": (with_("minimal", sidecar__resources={"requests": {"nvidia.com/gpu": 1}}),
                        "GPUs are set with the role's gpus field"),
+    "profile-with-raw": (with_profile({**CLAIM, "path": "m.kvprofile"}, codec="raw"),
+                         "profile applies to the lossy levels of the cachegen codec only"),
+    "profile-lossless": (with_profile({**CLAIM, "path": "m.kvprofile"}, lossless=True),
+                         "profile applies to the lossy levels of the cachegen codec only"),
+    "profile-no-source": (with_profile({"path": "m.kvprofile"}),
+                          "profile needs exactly one source: persistentVolumeClaim or image"),
+    "profile-two-sources": (with_profile({**CLAIM, **IMAGE, "path": "m.kvprofile"}),
+                            "profile needs exactly one source"),
+    "profile-absolute-path": (with_profile({**CLAIM, "path": "/models/m.kvprofile"}),
+                              "path is relative to the volume's root"),
+    "profile-path-up": (with_profile({**IMAGE, "path": "../m.kvprofile"}),
+                        "path must stay inside the volume: no .. segment"),
+    "profile-path-up-inside": (with_profile({**CLAIM, "path": "a/../../m.kvprofile"}),
+                               "no .. segment"),
+    "profile-empty-path": (with_profile({**CLAIM, "path": ""}),
+                           "path names a file inside the volume"),
+    "profile-directory": (with_profile({**CLAIM, "path": "profiles/"}),
+                          "path names a file inside the volume"),
 }
 
 
@@ -94,6 +121,22 @@ def test_cel_rules_reject_bad_pools(case: str) -> None:
     found = validation.violations(obj)
     assert [v for v in found if message in v.message], found
     assert len(found) == 1, found
+
+
+def test_profile_violations_name_the_field() -> None:
+    found = validation.violations(defaulted(pool(CEL_BAD["profile-absolute-path"][0])))
+    assert [v.path for v in found] == ["spec.transfer.profile.path"]
+    found = validation.violations(defaulted(pool(CEL_BAD["profile-with-raw"][0])))
+    assert [v.path for v in found] == ["spec.transfer.profile"]
+
+
+@pytest.mark.parametrize("path", ["m.kvprofile", "llama/v1.kvprofile", "a..b/..c.kvprofile",
+                                  "./m.kvprofile"])
+def test_profile_paths_inside_the_volume_pass(path: str) -> None:
+    for source in (CLAIM, IMAGE):
+        obj = defaulted(pool(with_profile({**source, "path": path}, level="default")))
+        VALIDATOR.validate(obj)
+        assert validation.violations(obj) == []
 
 
 def test_name_length_rule() -> None:
@@ -125,6 +168,16 @@ SCHEMA_BAD = {
                          "spec.router.serviceType"),
     "quantity-bool": (with_("minimal", decode__resources={"requests": {"cpu": True}}),
                       "spec.decode.resources.requests.cpu"),
+    "profile-without-path": (with_profile(CLAIM), "spec.transfer.profile.path"),
+    "profile-claim-name": (with_profile({"persistentVolumeClaim": {"claimName": "My_Claim"},
+                                         "path": "m.kvprofile"}),
+                           "spec.transfer.profile.persistentVolumeClaim.claimName"),
+    "profile-pull-policy": (with_profile({"image": {"reference": "r/p:v1",
+                                                    "pullPolicy": "Sometimes"},
+                                          "path": "m.kvprofile"}),
+                            "spec.transfer.profile.image.pullPolicy"),
+    "profile-hostpath": (with_profile({"hostPath": {"path": "/srv"}, "path": "m.kvprofile"}),
+                         "spec.transfer.profile"),
 }
 
 

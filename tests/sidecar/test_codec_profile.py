@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,22 @@ def test_layer_chunks_code_with_their_slice_of_the_profile(profile):
         assert errors[0] < 1.5 * errors[1]  # the profile's ranges are the model's, not the chunk's
         with pytest.raises(codec.ChunkCodecError, match="needs profile"):
             codec.decode(with_profile, "default")
+
+
+def test_a_chunk_of_a_profile_not_held_is_a_profile_mismatch(profile):
+    """No profile, or another one: both decoding paths raise ProfileMismatch, whose reason
+    (profile_mismatch, not the codec's generic one) a failed Load counts."""
+    payload = codec.encode(raw_chunk(model_kv(2), 1), "default", LAYERS, profile)
+    other = Profile.build([model_kv(5)], model="other")
+    region = np.empty(peek(payload).raw_bytes, dtype=np.uint8)
+    for held in (None, other):
+        for decode, args in ((codec.decode, ()), (codec.decode_into, (region,))):
+            with pytest.raises(codec.ProfileMismatch, match="same --profile") as err:
+                decode(payload, "default", *args, held)
+            assert err.value.reason == "profile_mismatch"
+    with pytest.raises(codec.ChunkCodecError) as err:
+        codec.decode(payload[:-1], "default", profile)
+    assert err.value.reason == "codec"
 
 
 def test_chunks_of_another_model_shape_carry_their_own_tables(profile):

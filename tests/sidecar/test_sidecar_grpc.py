@@ -17,7 +17,7 @@ from kvpool.sidecar.proto import sidecar_pb2 as pb
 from kvpool.sidecar.proto import sidecar_pb2_grpc as pb_grpc
 from kvpool.sidecar.server import Sidecar, SidecarConfig, checksum
 from kvpool.sidecar.store import TransferFailed
-from kvpool.sidecar.transport import GrpcTransport
+from kvpool.sidecar.transport import REASON_KEY, GrpcTransport
 
 MODEL = "test-model"
 WIDTH = 192
@@ -352,7 +352,7 @@ async def test_a_chunk_too_small_for_the_codec_goes_raw(pair):
 async def test_sidecars_with_a_profile_code_each_layer_with_its_slice(tmp_path):
     """Both sidecars given the model's profile: chunks name their layer's slice of it (no
     tables carried) and decode to the values sent; a decode sidecar without the profile
-    cannot decode them and the load fails (decode recomputes)."""
+    cannot decode them: the load fails with reason profile_mismatch (decode recomputes)."""
     if "default" not in codec.levels():
         pytest.skip("the codec's lossy levels are not built here")
     from kvpool import kernels
@@ -384,9 +384,15 @@ async def test_sidecars_with_a_profile_code_each_layer_with_its_slice(tmp_path):
                                                         peer=prefill.peer_address))
         for key, (k, v) in sent.items():
             assert (got[key][0].float() - k.float()).abs().max() < 1.0
-        with pytest.raises(grpc.aio.AioRpcError, match="profile"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
             await load_all(bare_local, pb.LoadRequest(transfer_id="tp", model=MODEL,
                                                       peer=prefill.peer_address))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details().startswith("profile_mismatch: ")
+        assert (REASON_KEY, "profile_mismatch") in tuple(err.value.trailing_metadata())
+        bare = sidecars[2]
+        assert bare.metrics.failures.labels("decode", "profile_mismatch")._value.get() == 1
+        assert bare.health.summary()["failure_reasons"] == {"profile_mismatch": 1}
     finally:
         for c in channels:
             await c.close()
