@@ -28,20 +28,19 @@ nb::bytes encode(const std::vector<Plane>& planes, bool lossless, const std::str
                  uint16_t block_tokens, uint16_t group_channels, uint16_t anchor_group,
                  uint16_t table_group, uint8_t exact_rows,
                  const std::vector<LayerTuple>& layers,
-                 const std::optional<nb::bytes>& profile_hash,
-                 const std::optional<std::vector<ProfileTuple>>& profile, bool contexts, int threads) {
+                 const std::optional<nb::bytes>& profile_hash, const CompiledProfile* profile,
+                 bool contexts, int threads) {
     uint8_t dtype = common_dtype(planes, layers);
     Header h = make_header(dtype, lossless, level, block_tokens, group_channels, anchor_group,
                            table_group, exact_rows, layers, profile_hash, contexts);
-    if (profile_hash.has_value() != profile.has_value())
+    if (profile_hash.has_value() != (profile != nullptr))
         throw Error(kBadInput, "profile hash and tables go together");
     std::vector<const void*> inputs;
     for (const Plane& p : planes) inputs.push_back(p.data());
-    ProfileData prof = profile ? profile_data(*profile) : ProfileData{};
     std::vector<uint8_t> frame;
     {
         nb::gil_scoped_release release;
-        frame = encode_cpu(h, inputs, profile ? &prof : nullptr, threads);
+        frame = encode_cpu(h, inputs, profile, threads);
     }
     return nb::bytes((const char*)frame.data(), frame.size());
 }
@@ -49,7 +48,7 @@ nb::bytes encode(const std::vector<Plane>& planes, bool lossless, const std::str
 nb::dict parse(const Bytes& data) { return header_dict(parse_header(data.data(), data.size())); }
 
 void decode(const Bytes& data, const std::vector<nb::ndarray<nb::ndim<2>, nb::c_contig>>& outputs,
-            const std::optional<std::vector<ProfileTuple>>& profile, int threads) {
+            const CompiledProfile* profile, int threads) {
     std::vector<void*> outs;
     for (const auto& o : outputs) {
         if (o.device_type() != nb::device::cpu::value) throw Error(kBadInput, "outputs on the CPU");
@@ -63,9 +62,20 @@ void decode(const Bytes& data, const std::vector<nb::ndarray<nb::ndim<2>, nb::c_
             outputs[p].shape(1) != l.width)
             throw Error(kBadInput, "output shape or dtype differs from the frame");
     }
-    ProfileData prof = profile ? profile_data(*profile) : ProfileData{};
     nb::gil_scoped_release release;
-    decode_cpu(data.data(), data.size(), profile ? &prof : nullptr, outs, threads);
+    decode_cpu(data.data(), data.size(), profile, outs, threads);
+}
+
+// A profile's tables for frames of one layout (the layers' shapes and bins, anchor group,
+// contexts), built once and shared by every frame of that layout.
+CompiledProfile* compile(const std::vector<LayerTuple>& layers, uint16_t block_tokens,
+                         uint16_t group_channels, uint16_t anchor_group, bool contexts,
+                         const nb::bytes& profile_hash, const std::vector<ProfileTuple>& profile) {
+    Header h = make_header(kF16, false, "compiled", block_tokens, group_channels, anchor_group, 1,
+                           0, layers, profile_hash, contexts);
+    ProfileData data = profile_data(profile);
+    nb::gil_scoped_release release;
+    return new CompiledProfile(compile_profile(h, data));
 }
 
 nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>> symbols(const Plane& x, const U16& mu, const U16& sigma,
@@ -109,6 +119,15 @@ nb::ndarray<nb::numpy, uint16_t, nb::ndim<2>> normalize(
 NB_MODULE(_codec, m) {
     m.doc() = "CPU path of the kvpool codec (bitstream v1, docs/bitstream.md)";
     register_codec_error(m);
+    nb::class_<CompiledProfile>(m, "CompiledProfile",
+                                "A profile's tables for frames of one layout (compile()).")
+        .def_prop_ro("nbytes", [](const CompiledProfile& c) {
+            return c.cum.size() * sizeof(uint32_t) + c.stats.size() * sizeof(float);
+        }, "Bytes it holds.");
+    m.def("compile", &compile, nb::arg("layers"), nb::arg("block_tokens"),
+          nb::arg("group_channels"), nb::arg("anchor_group"), nb::arg("contexts"),
+          nb::arg("profile_hash"), nb::arg("profile"), nb::rv_policy::take_ownership,
+          "Check a profile's tables against a frame layout and build them for the coder.");
     m.def("encode", &encode, nb::arg("planes"), nb::arg("lossless"), nb::arg("level"),
           nb::arg("block_tokens"), nb::arg("group_channels"), nb::arg("anchor_group"),
           nb::arg("table_group"), nb::arg("exact_rows"), nb::arg("layers"),

@@ -35,11 +35,11 @@ nb::bytes encode(const std::vector<CudaPlane>& planes, bool lossless, const std:
                            table_group, exact_rows, layers, profile_hash, contexts);
     if (profile_hash.has_value() != profile.has_value())
         throw Error(kBadInput, "profile hash and tables go together");
-    ProfileData prof = profile ? profile_data(*profile) : ProfileData{};
+    std::optional<CompiledProfile> prof = compiled_for(h, profile);
     std::vector<uint8_t> frame;
     {
         nb::gil_scoped_release release;
-        frame = encode_cuda(h, inputs, profile ? &prof : nullptr);
+        frame = encode_cuda(h, inputs, prof ? &*prof : nullptr);
     }
     return nb::bytes((const char*)frame.data(), frame.size());
 }
@@ -57,9 +57,9 @@ void decode(const Bytes& data, const std::vector<CudaPlane>& outputs,
             throw Error(kBadInput, "output shape or dtype differs from the frame");
         outs.push_back(outputs[p].data());
     }
-    ProfileData prof = profile ? profile_data(*profile) : ProfileData{};
+    std::optional<CompiledProfile> prof = compiled_for(h, profile);
     nb::gil_scoped_release release;
-    decode_cuda(data.data(), data.size(), profile ? &prof : nullptr, outs);
+    decode_cuda(data.data(), data.size(), prof ? &*prof : nullptr, outs);
 }
 
 }  // namespace

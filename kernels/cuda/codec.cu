@@ -134,7 +134,7 @@ int cuda_device_count() {
 }
 
 std::vector<uint8_t> encode_cuda(const Header& header, const std::vector<const void*>& inputs,
-                                 const ProfileData* profile) {
+                                 const CompiledProfile* profile) {
     Plan plan = plan_encode(header, inputs);
     const Header& h = plan.header;
     const FrameParams& f = plan.params;
@@ -214,7 +214,7 @@ std::vector<uint8_t> encode_cuda(const Header& header, const std::vector<const v
         }
     }
 
-    DeviceArray<uint32_t> d_cum(plan.cum.data(), plan.cum.size());
+    DeviceArray<uint32_t> d_cum(plan.tables(), plan.cum_words);
     DeviceArray<StreamRef> d_streams(plan.streams.data(), plan.streams.size());
     uint64_t n = plan.streams.size();
     DeviceArray<uint8_t> d_scratch(scratch_bytes(plan));
@@ -240,7 +240,7 @@ std::vector<uint8_t> encode_cuda(const Header& header, const std::vector<const v
     return write_frame(h, parts);
 }
 
-void decode_cuda(const uint8_t* data, uint64_t size, const ProfileData* profile,
+void decode_cuda(const uint8_t* data, uint64_t size, const CompiledProfile* profile,
                  const std::vector<void*>& outputs) {
     Plan plan = plan_decode(data, size, profile);
     if (outputs.size() != plan.planes.size()) throw Error(kBadInput, "one output per plane");
@@ -255,7 +255,7 @@ void decode_cuda(const uint8_t* data, uint64_t size, const ProfileData* profile,
     DeviceArray<PlaneDesc> d_planes(plan.planes.data(), plan.planes.size());
     DeviceArray<StreamRef> d_streams(plan.streams.data(), n);
     DeviceArray<float> d_floats(plan.floats.data(), plan.floats.size());
-    DeviceArray<uint32_t> d_cum(plan.cum.data(), plan.cum.size());
+    DeviceArray<uint32_t> d_cum(plan.tables(), plan.cum_words);
     DeviceArray<void*> d_outs(coded.data(), coded.size());
     DeviceArray<int32_t> status(1);
     status.zero();

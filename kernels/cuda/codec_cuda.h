@@ -12,10 +12,10 @@ int cuda_device_count();
 
 // Encode planes held in device memory; the frame is byte-identical to encode_cpu's.
 std::vector<uint8_t> encode_cuda(const Header& header, const std::vector<const void*>& inputs,
-                                 const ProfileData* profile);
+                                 const CompiledProfile* profile);
 
 // Decode a frame held in host memory into device outputs (one per plane).
-void decode_cuda(const uint8_t* data, uint64_t size, const ProfileData* profile,
+void decode_cuda(const uint8_t* data, uint64_t size, const CompiledProfile* profile,
                  const std::vector<void*>& outputs);
 
 }  // namespace kvp

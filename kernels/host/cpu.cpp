@@ -26,7 +26,7 @@ void fill_scales(const Plan& plan, uint32_t p, float* floats) {
 }
 
 std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const void*>& inputs,
-                                const ProfileData* profile, int threads) {
+                                const CompiledProfile* profile, int threads) {
     Plan plan = plan_encode(header, inputs);
     const Header& h = plan.header;
     const FrameParams& f = plan.params;
@@ -91,7 +91,7 @@ std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const vo
         const StreamRef& s = plan.streams[i];
         uint8_t* buf = scratch.get() + s.offset;
         uint64_t begin = 0;
-        encode_stream_at(f, plan.planes[s.plane], s.index, floats, plan.cum.data(), buf, s.size,
+        encode_stream_at(f, plan.planes[s.plane], s.index, floats, plan.tables(), buf, s.size,
                          &begin);
         parts[s.plane].stream_size[s.index] = (uint32_t)(s.size - begin);
         parts[s.plane].stream[s.index] = buf + begin;
@@ -100,7 +100,7 @@ std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const vo
     return write_frame(h, parts);
 }
 
-void decode_cpu(const uint8_t* data, uint64_t size, const ProfileData* profile,
+void decode_cpu(const uint8_t* data, uint64_t size, const CompiledProfile* profile,
                 const std::vector<void*>& outputs, int threads) {
     Plan plan = plan_decode(data, size, profile);
     if (outputs.size() != plan.planes.size()) throw Error(kBadInput, "one output per plane");
@@ -110,7 +110,7 @@ void decode_cpu(const uint8_t* data, uint64_t size, const ProfileData* profile,
     parallel_for(plan.streams.size(), threads, "stream", [&](uint64_t i) {
         const StreamRef& s = plan.streams[i];
         return decode_stream_at(plan.params, plan.planes[s.plane], s, plan.floats.data(),
-                                plan.cum.data(), data, coded[s.plane]);
+                                plan.tables(), data, coded[s.plane]);
     });
 }
 

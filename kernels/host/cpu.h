@@ -10,10 +10,10 @@ namespace kvp {
 // Encode planes (host pointers, layer-major, keys first) into a frame whose last 4 bytes
 // (the checksum) are left zero. `header` carries the shapes, level and parameters.
 std::vector<uint8_t> encode_cpu(const Header& header, const std::vector<const void*>& inputs,
-                                const ProfileData* profile, int threads);
+                                const CompiledProfile* profile, int threads);
 
 // Decode a whole frame (checksum already verified) into host outputs, one per plane.
-void decode_cpu(const uint8_t* data, uint64_t size, const ProfileData* profile,
+void decode_cpu(const uint8_t* data, uint64_t size, const CompiledProfile* profile,
                 const std::vector<void*>& outputs, int threads);
 
 // The quantizer's symbols of one plane (for building profiles): [tokens, width] bytes.

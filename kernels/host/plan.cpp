@@ -1,6 +1,7 @@
 // Plans for the encoder and the decoder: layout, validation of every section, tables.
 #include "plan.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace kvp {
@@ -17,8 +18,9 @@ FrameParams frame_params(const Header& h) {
     return f;
 }
 
-// Slots of every plane in the float and cum arrays.
-static Plan layout(const Header& h) {
+// Slots of every plane in the float and cum arrays; the cum array itself only with
+// `own_tables` (frames coded with a profile use the compiled profile's).
+static Plan layout(const Header& h, bool own_tables) {
     Plan plan;
     plan.header = h;
     plan.params = frame_params(h);
@@ -47,7 +49,8 @@ static Plan layout(const Header& h) {
         plan.planes.push_back(d);
     }
     plan.floats.assign(nf, 0.0f);
-    plan.cum.assign(nc, 0);
+    plan.cum_words = nc;
+    if (own_tables) plan.cum.assign(nc, 0);
     return plan;
 }
 
@@ -118,15 +121,55 @@ static int32_t profile_into(Plan& plan, const ProfileData& profile) {
     return kOk;
 }
 
-void apply_profile(Plan& plan, const ProfileData& profile) {
+CompiledProfile compile_profile(const Header& h, const ProfileData& profile) {
+    if (h.lossless()) throw Error(kBadInput, "a lossless frame uses no profile");
+    Plan plan = layout(h, true);
     ensure(profile_into(plan, profile), "profile tables");
+    CompiledProfile out;
+    out.layout = h;
+    out.cum = std::move(plan.cum);
+    for (uint32_t p = 0; p < h.planes(); ++p) {
+        const PlaneDesc& d = plan.planes[p];
+        out.stats_at.push_back(out.stats.size());
+        out.stats.insert(out.stats.end(), plan.floats.begin() + d.mu,
+                         plan.floats.begin() + d.sigma + d.width);
+    }
+    return out;
 }
 
-static int32_t sections_into(Plan& plan, const uint8_t* data, const ProfileData* profile) {
+bool CompiledProfile::fits(const Header& h) const {
+    const Header& c = layout;
+    if (h.lossless() || h.planes() != c.planes() || h.anchor_group != c.anchor_group ||
+        h.table_group != c.table_group || h.contexts() != c.contexts())
+        return false;
+    for (uint32_t p = 0; p < h.planes(); ++p)
+        if (h.layer_of(p).width != c.layer_of(p).width || h.half_anchor(p) != c.half_anchor(p) ||
+            h.half_delta(p) != c.half_delta(p))
+            return false;
+    return true;
+}
+
+static int32_t compiled_into(Plan& plan, const CompiledProfile& profile) {
+    KVP_CHECK(profile.fits(plan.header) && profile.cum.size() == plan.cum_words,
+              kProfileMismatch);
+    for (uint32_t p = 0; p < plan.planes.size(); ++p) {
+        const PlaneDesc& d = plan.planes[p];
+        const float* stats = profile.stats.data() + profile.stats_at[p];
+        std::copy(stats, stats + 2ull * d.width, plan.floats.begin() + d.mu);
+    }
+    plan.shared_cum = profile.cum.data();
+    return kOk;
+}
+
+void apply_profile(Plan& plan, const CompiledProfile& profile) {
+    ensure(compiled_into(plan, profile), "profile tables");
+}
+
+static int32_t sections_into(Plan& plan, const uint8_t* data, const CompiledProfile* profile) {
     const Header& h = plan.header;
     if (h.has_profile()) {
         KVP_CHECK(profile != nullptr, kProfileMismatch);
-        KVP_TRY(profile_into(plan, *profile));
+        KVP_TRY(compiled_into(plan, *profile));
     }
     uint64_t off = h.header_size;
     for (uint32_t p = 0; p < h.planes(); ++p) {
@@ -159,17 +202,17 @@ static int32_t sections_into(Plan& plan, const uint8_t* data, const ProfileData*
     return kOk;
 }
 
-Plan plan_decode(const uint8_t* data, uint64_t size, const ProfileData* profile) {
+Plan plan_decode(const uint8_t* data, uint64_t size, const CompiledProfile* profile) {
     Header h = parse_header(data, size);
     if (h.frame_size != size)
         throw Error(h.frame_size > size ? kTruncated : kCorrupt, "frame size");
-    Plan plan = layout(h);
+    Plan plan = layout(h, !h.has_profile());
     ensure(sections_into(plan, data, profile), "frame sections");
     return plan;
 }
 
 Plan plan_encode(const Header& h, const std::vector<const void*>& inputs) {
-    Plan plan = layout(h);
+    Plan plan = layout(h, !h.has_profile() || h.lossless());
     uint32_t per_elem = h.lossless() ? dtype_size(h.dtype) : 1;
     uint64_t off = 0;
     for (uint32_t p = 0; p < h.planes(); ++p) {

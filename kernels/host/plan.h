@@ -21,29 +21,52 @@ struct ProfilePlane {
 };
 using ProfileData = std::vector<ProfilePlane>;  // one per plane, layer-major, keys first
 
+// A profile's tables and statistics for one frame layout (planes' widths and bins, anchor
+// group, contexts), in the form the coder reads: built once, then shared by every frame
+// of that layout instead of being rebuilt for each (tens of thousands of tables per
+// whole-model frame with context tables).
+struct CompiledProfile {
+    Header layout;               // the header it was built for (tokens do not matter)
+    std::vector<uint32_t> cum;   // every plane's tables, laid out as a plan of `layout` lays them
+    std::vector<float> stats;    // per plane: mu[width] then sigma[width]
+    std::vector<uint64_t> stats_at;
+    // Whether frames with header h code with these tables (same planes, widths, bins,
+    // anchor group, contexts).
+    bool fits(const Header& h) const;
+};
+
+// Check a profile's tables and statistics against the layout of h and build them
+// (kProfileMismatch when they do not fit).
+CompiledProfile compile_profile(const Header& h, const ProfileData& profile);
+
 struct Plan {
     Header header;
     FrameParams params{};
     std::vector<PlaneDesc> planes;
     std::vector<StreamRef> streams;
     std::vector<float> floats;
-    std::vector<uint32_t> cum;
+    std::vector<uint32_t> cum;             // the frame's own tables (empty with a profile)
+    uint64_t cum_words = 0;                // words of every plane's tables
+    const uint32_t* shared_cum = nullptr;  // a compiled profile's tables, used instead of cum
     std::vector<uint64_t> exact_at;  // decoding: frame offset of each plane's exact rows
+
+    const uint32_t* tables() const { return shared_cum ? shared_cum : cum.data(); }
 };
 
 FrameParams frame_params(const Header& h);
 
 // Parse and validate a whole frame (without checking the checksum, which the caller did):
 // every section, table, scale and stream size. Streams are checked while decoding.
-Plan plan_decode(const uint8_t* data, uint64_t size, const ProfileData* profile);
+Plan plan_decode(const uint8_t* data, uint64_t size, const CompiledProfile* profile);
 
 // Lay out an encoder's plan: float and cum slots for every plane, streams with scratch
 // offsets (rans_bound each); `inputs` are the planes' element pointers. The caller fills
 // the floats (stats, scales) and tables before encoding the streams.
 Plan plan_encode(const Header& h, const std::vector<const void*>& inputs);
 
-// Profile stats and tables of every plane into the plan (shape checks: kProfileMismatch).
-void apply_profile(Plan& plan, const ProfileData& profile);
+// A compiled profile's stats and tables into the plan (kProfileMismatch when it does not
+// fit the plan's header); the plan refers to its tables, which must outlive it.
+void apply_profile(Plan& plan, const CompiledProfile& profile);
 
 // Build the cum arrays of plane p from 16-bit frequencies laid out as in the frame.
 void set_tables(Plan& plan, uint32_t p, const std::vector<uint16_t>& freqs);

@@ -178,7 +178,6 @@ def encode(
                *lv.layer_bins(first + i, count, (steps[2 * (first + i)], steps[2 * (first + i) + 1])))
               for i in range(n)]
     contexts = use_profile and lv.anchor_group == 1 and profile.has_contexts(layers, first)
-    tables = profile.tables_for(lv.anchor_group, layers, contexts, first) if use_profile else None
     group = 1 if lv.lossless or use_profile else table_group(max((t for t, *_ in layers), default=0), lv)
     args = {
         "lossless": lv.lossless,
@@ -190,13 +189,14 @@ def encode(
         "exact_rows": max(0, lv.sink_tokens - position),
         "layers": layers,
         "profile_hash": bytes.fromhex(profile.slice_hash(first, n)) if use_profile else None,
-        "profile": tables,
         "contexts": contexts,
     }
     if _on_cuda(planes):
-        frame = _cuda().encode(planes, **args)
+        tables = profile.tables_for(lv.anchor_group, layers, contexts, first) if use_profile else None
+        frame = _cuda().encode(planes, profile=tables, **args)
     else:
-        frame = _codec.encode(planes, threads=threads or default_threads(), **args)
+        tables = profile.compiled(lv.anchor_group, layers, contexts, first) if use_profile else None
+        frame = _codec.encode(planes, profile=tables, threads=threads or default_threads(), **args)
     body = frame[:-4]
     return body + google_crc32c.value(body).to_bytes(4, "little")
 
@@ -285,6 +285,9 @@ def decode(
     if max_raw_bytes is not None and raw_bytes > max_raw_bytes:
         raise CodecError(f"the frame decodes to {raw_bytes} bytes, more than the "
                          f"{max_raw_bytes} allowed")
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise CodecError(f"cannot decode onto device {device!r}")
     tables = None
     if h["flags"] & FLAG_PROFILE:
         want = h["profile_hash"].hex()
@@ -293,12 +296,9 @@ def decode(
         first = profile.locate(want, len(h["layers"]))
         if first is None:
             raise ProfileMismatch(f"the chunk needs profile {want}, not {profile.hash}")
-        tables = profile.tables_for(h["anchor_group"], h["layers"],
-                                    bool(h["flags"] & FLAG_CONTEXTS), first)
+        tables = (profile.tables_for if dev.type == "cuda" else profile.compiled)(
+            h["anchor_group"], h["layers"], bool(h["flags"] & FLAG_CONTEXTS), first)
     dtype = getattr(torch, DTYPES[h["dtype"]])
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise CodecError(f"cannot decode onto device {device!r}")
     gpu = _cuda() if dev.type == "cuda" else None
     if out is not None:
         outs = _outputs(out, h["layers"], dtype, dev)

@@ -208,3 +208,45 @@ def test_a_chunk_of_some_layers_names_its_slice_of_the_profile() -> None:
         decode(frame, other)
     with pytest.raises(CodecError, match="is for 2 layers"):
         encode(KVCache(keys=[kv.keys[0]], values=[kv.values[0]]), "default", profile)
+
+
+def test_compiled_tables_are_built_once_per_layout_and_bounded(profile, monkeypatch) -> None:
+    """Frames of one layout (shapes, bins, contexts) share the profile's compiled tables;
+    other token counts reuse them, other levels get their own, and the cache stays bounded."""
+    from kvpool.kernels import _codec
+    from kvpool.kernels import profile as profile_module
+
+    shapes = [(64, 96), (64, 96), (64, 64)]
+    kvs = [synthetic_kv([(tokens, w) for _, w in shapes], seed=seed)
+           for seed, tokens in ((1, 64), (2, 64), (3, 100))]
+    expected = [decode(encode(kv, "default", profile), profile) for kv in kvs]
+    built = []
+    real_compile = _codec.compile
+    monkeypatch.setattr(_codec, "compile", lambda *a: built.append(a) or real_compile(*a))
+    fresh = Profile("synthetic", dict(profile._arrays), profile.widths)
+    for kv, want in zip(kvs, expected):
+        out = decode(encode(kv, "default", fresh), fresh)
+        assert all(torch.equal(a, b) for a, b in zip([*out.keys, *out.values],
+                                                     [*want.keys, *want.values]))
+    assert len(built) == 1
+    decode(encode(synthetic_kv(shapes, seed=4), "low", fresh), fresh)
+    assert len(built) == 2
+    one = fresh.compiled(1, [(64, 96, 0, 0, 21, 11)] * 2 + [(64, 64, 0, 0, 21, 11)], True, 0)
+    monkeypatch.setattr(profile_module, "COMPILED_CACHE_BYTES", one.nbytes)
+    decode(encode(synthetic_kv(shapes, seed=5), "high", fresh), fresh)
+    assert len(fresh._compiled) == 1 and fresh._compiled_bytes <= 2 * one.nbytes
+
+
+def test_compiled_tables_of_another_layout_are_refused(profile) -> None:
+    """The extension checks a compiled profile against the frame it decodes or encodes."""
+    from kvpool.kernels import _codec
+
+    kv = synthetic_kv([(64, 96), (64, 96), (64, 64)], seed=6)
+    frame = np.frombuffer(encode(kv, "default", profile), dtype=np.uint8)
+    low = encode(kv, "low", profile)
+    info = _codec.parse(np.frombuffer(low, dtype=np.uint8))
+    wrong = profile.compiled(info["anchor_group"], info["layers"],
+                             bool(info["flags"] & 2), 0)
+    outs = [torch.empty((64, w), dtype=kv.keys[0].dtype) for w in (96, 96, 96, 96, 64, 64)]
+    with pytest.raises(CodecError, match="profile"):
+        _codec.decode(frame, outs, wrong, 1)
