@@ -23,6 +23,7 @@ struct PlaneDesc {
     int32_t ha, hd;                        // half ranges (0 in lossless mode)
     uint64_t mu, sigma, scale;             // into floats: [width], [width], [tokens]
     uint64_t anchor_cum, delta_cum;        // into cum (lossless: the per-byte tables)
+    uint64_t freqs_at;                     // decoding: frame offset of the plane's own tables
 };
 
 struct StreamRef {
@@ -62,6 +63,31 @@ KVP_HD LossyTables lossy_tables(const FrameParams& f, const PlaneDesc& p, const 
     t.table_group = f.table_group;
     t.contexts = f.contexts;
     return t;
+}
+
+// Tables of a plane, in the order a frame stores their 16-bit frequencies: lossless, one
+// per element byte; lossy, the anchor role's (n_tables * contexts), then the other rows'.
+KVP_HD uint64_t plane_tables(const FrameParams& f, const PlaneDesc& p) {
+    if (f.lossless) return dtype_size(f.dtype);
+    uint64_t n_tables = ceil_div(p.width, f.table_group);
+    return n_tables * f.contexts + (f.anchor_group > 1 ? n_tables : 0);
+}
+
+// Build table i of plane p (its cum array and lookup) from the plane's frequencies as the
+// frame stores them (`freqs_le`, the first table's), validating them: the host and the
+// device build a frame's tables with this one function.
+KVP_HD int32_t build_plane_table(const FrameParams& f, const PlaneDesc& p, const uint8_t* freqs_le,
+                                 uint64_t i, uint32_t* cum) {
+    if (f.lossless)
+        return build_cum(freqs_le + 2ull * kMaxAlphabet * i, kMaxAlphabet,
+                         cum + p.anchor_cum + table_words(kMaxAlphabet) * i);
+    uint32_t na = (uint32_t)(2 * p.ha + 1), nd = (uint32_t)(2 * p.hd + 1);
+    uint64_t anchors = (uint64_t)ceil_div(p.width, f.table_group) * f.contexts;
+    if (i < anchors)
+        return build_cum(freqs_le + 2ull * na * i, na, cum + p.anchor_cum + table_words(na) * i);
+    uint64_t j = i - anchors;
+    return build_cum(freqs_le + 2ull * na * anchors + 2ull * nd * j, nd,
+                     cum + p.delta_cum + table_words(nd) * j);
 }
 
 // Row scale of token t (anchor rows of a block before its other rows).

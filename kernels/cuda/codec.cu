@@ -3,6 +3,7 @@
 // CPU path's plans, tables and frame writer, so both paths produce the same bytes.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -17,16 +18,32 @@ void cuda_check(cudaError_t e, const char* what) {
         throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
 }
 
-// Owned device memory.
+// The current device's stream-ordered memory pool keeps what is freed (instead of handing it
+// back to the driver at every synchronization), so that a call's buffers cost no cudaMalloc.
+void keep_freed_memory() {
+    static thread_local int configured = -1;
+    int device = 0;
+    cuda_check(cudaGetDevice(&device), "device");
+    if (configured == device) return;
+    cudaMemPool_t pool;
+    cuda_check(cudaDeviceGetDefaultMemPool(&pool, device), "memory pool");
+    uint64_t keep = UINT64_MAX;
+    cuda_check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "pool");
+    configured = device;
+}
+
+// Owned device memory, allocated from the pool on the default stream (the stream every
+// kernel and copy here runs on).
 template <class T>
 struct DeviceArray {
     T* ptr = nullptr;
     size_t n = 0;
     explicit DeviceArray(size_t count) : n(count) {
-        if (n) cuda_check(cudaMalloc(&ptr, n * sizeof(T)), "malloc");
+        keep_freed_memory();
+        if (n) cuda_check(cudaMallocAsync((void**)&ptr, n * sizeof(T), 0), "malloc");
     }
     DeviceArray(const T* host, size_t count) : DeviceArray(count) { upload(host); }
-    ~DeviceArray() { if (ptr) cudaFree(ptr); }
+    ~DeviceArray() { if (ptr) cudaFreeAsync(ptr, 0); }
     DeviceArray(const DeviceArray&) = delete;
     DeviceArray& operator=(const DeviceArray&) = delete;
     void upload(const T* host) {
@@ -97,6 +114,15 @@ __global__ void encode_kernel(FrameParams f, const PlaneDesc* planes, const Stre
     const StreamRef& s = streams[i];
     encode_stream_at(f, planes[s.plane], s.index, floats, cum, scratch + s.offset, s.size,
                      &begin[i]);
+}
+
+// The frame's own tables, built and checked on the device: blockIdx.y is the plane.
+__global__ void tables_kernel(FrameParams f, const PlaneDesc* planes, const uint8_t* data,
+                              uint32_t* cum, int32_t* status) {
+    uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const PlaneDesc& d = planes[blockIdx.y];
+    if (i >= plane_tables(f, d)) return;
+    fail(status, build_plane_table(f, d, data + d.freqs_at, i, cum));
 }
 
 __global__ void decode_kernel(FrameParams f, const PlaneDesc* planes, const StreamRef* streams,
@@ -242,7 +268,7 @@ std::vector<uint8_t> encode_cuda(const Header& header, const std::vector<const v
 
 void decode_cuda(const uint8_t* data, uint64_t size, const CompiledProfile* profile,
                  const std::vector<void*>& outputs) {
-    Plan plan = plan_decode(data, size, profile);
+    Plan plan = plan_decode(data, size, profile, /*host_tables=*/false);
     if (outputs.size() != plan.planes.size()) throw Error(kBadInput, "one output per plane");
     for (uint32_t p = 0; p < outputs.size(); ++p)
         if (plan.header.exact_bytes(p))
@@ -255,10 +281,21 @@ void decode_cuda(const uint8_t* data, uint64_t size, const CompiledProfile* prof
     DeviceArray<PlaneDesc> d_planes(plan.planes.data(), plan.planes.size());
     DeviceArray<StreamRef> d_streams(plan.streams.data(), n);
     DeviceArray<float> d_floats(plan.floats.data(), plan.floats.size());
-    DeviceArray<uint32_t> d_cum(plan.tables(), plan.cum_words);
-    DeviceArray<void*> d_outs(coded.data(), coded.size());
     DeviceArray<int32_t> status(1);
     status.zero();
+    // A profile's tables are uploaded as they are; the frame's own are built on the device.
+    DeviceArray<uint32_t> d_cum(plan.cum_words);
+    if (plan.shared_cum) {
+        d_cum.upload(plan.shared_cum);
+    } else {
+        uint64_t most = 0;
+        for (const PlaneDesc& d : plan.planes) most = std::max(most, plane_tables(plan.params, d));
+        dim3 grid(blocks_for(most), (unsigned)plan.planes.size());
+        if (most) tables_kernel<<<grid, kThreads>>>(plan.params, d_planes.ptr, d_data.ptr,
+                                                    d_cum.ptr, status.ptr);
+        check_status(status, "tables");
+    }
+    DeviceArray<void*> d_outs(coded.data(), coded.size());
     decode_kernel<<<blocks_for(n), kThreads>>>(plan.params, d_planes.ptr, d_streams.ptr, n,
                                               d_floats.ptr, d_cum.ptr, d_data.ptr, d_outs.ptr,
                                               status.ptr);

@@ -56,21 +56,9 @@ static Plan layout(const Header& h, bool own_tables) {
 
 // Tables of plane p from little-endian 16-bit frequencies, laid out as in the frame.
 static int32_t tables_from(Plan& plan, uint32_t p, const uint8_t* le) {
-    const Header& h = plan.header;
     const PlaneDesc& d = plan.planes[p];
-    if (h.lossless()) {
-        for (uint32_t k = 0; k < dtype_size(h.dtype); ++k)
-            KVP_TRY(build_cum(le + 2ull * kMaxAlphabet * k, kMaxAlphabet,
-                              &plan.cum[d.anchor_cum + table_words(kMaxAlphabet) * k]));
-        return kOk;
-    }
-    uint32_t n_tables = h.n_tables(p);
-    uint32_t na = 2 * d.ha + 1, nd = 2 * d.hd + 1;
-    for (uint64_t i = 0; i < (uint64_t)n_tables * h.contexts(); ++i, le += 2 * na)
-        KVP_TRY(build_cum(le, na, &plan.cum[d.anchor_cum + i * table_words(na)]));
-    if (h.anchor_group > 1)
-        for (uint32_t i = 0; i < n_tables; ++i, le += 2 * nd)
-            KVP_TRY(build_cum(le, nd, &plan.cum[d.delta_cum + i * table_words(nd)]));
+    for (uint64_t i = 0; i < plane_tables(plan.params, d); ++i)
+        KVP_TRY(build_plane_table(plan.params, d, le, i, plan.cum.data()));
     return kOk;
 }
 
@@ -165,7 +153,8 @@ void apply_profile(Plan& plan, const CompiledProfile& profile) {
     ensure(compiled_into(plan, profile), "profile tables");
 }
 
-static int32_t sections_into(Plan& plan, const uint8_t* data, const CompiledProfile* profile) {
+static int32_t sections_into(Plan& plan, const uint8_t* data, const CompiledProfile* profile,
+                             bool host_tables) {
     const Header& h = plan.header;
     if (h.has_profile()) {
         KVP_CHECK(profile != nullptr, kProfileMismatch);
@@ -174,13 +163,15 @@ static int32_t sections_into(Plan& plan, const uint8_t* data, const CompiledProf
     uint64_t off = h.header_size;
     for (uint32_t p = 0; p < h.planes(); ++p) {
         SectionLayout s = section_layout(h, p);
-        const PlaneDesc& d = plan.planes[p];
+        PlaneDesc& d = plan.planes[p];
         plan.exact_at.push_back(off);
         const uint8_t* sec = data + off + s.exact;
+        d.freqs_at = off + s.exact + s.stats;
         uint64_t size = h.section_size[p];  // >= s.fixed() + 8 * streams (parse_header)
         if (!h.lossless() && !h.has_profile())
             KVP_TRY(stats_from(plan, p, sec, sec + 2ull * d.width, kCorrupt));
-        if (h.lossless() || !h.has_profile()) KVP_TRY(tables_from(plan, p, sec + s.stats));
+        if ((h.lossless() || !h.has_profile()) && host_tables)
+            KVP_TRY(tables_from(plan, p, sec + s.stats));
         const uint8_t* scales = sec + s.stats + s.tables;
         for (uint32_t t = 0; t < (h.lossless() ? 0u : d.tokens); ++t) {
             uint16_t b = rd16(scales + 2ull * t);
@@ -202,12 +193,13 @@ static int32_t sections_into(Plan& plan, const uint8_t* data, const CompiledProf
     return kOk;
 }
 
-Plan plan_decode(const uint8_t* data, uint64_t size, const CompiledProfile* profile) {
+Plan plan_decode(const uint8_t* data, uint64_t size, const CompiledProfile* profile,
+                 bool host_tables) {
     Header h = parse_header(data, size);
     if (h.frame_size != size)
         throw Error(h.frame_size > size ? kTruncated : kCorrupt, "frame size");
-    Plan plan = layout(h, !h.has_profile());
-    ensure(sections_into(plan, data, profile), "frame sections");
+    Plan plan = layout(h, !h.has_profile() && host_tables);
+    ensure(sections_into(plan, data, profile, host_tables), "frame sections");
     return plan;
 }
 

@@ -57,7 +57,10 @@ FrameParams frame_params(const Header& h);
 
 // Parse and validate a whole frame (without checking the checksum, which the caller did):
 // every section, table, scale and stream size. Streams are checked while decoding.
-Plan plan_decode(const uint8_t* data, uint64_t size, const CompiledProfile* profile);
+// Without `host_tables`, the frame's own tables are neither built nor checked here: the
+// caller builds them (build_plane_table, from each plane's freqs_at) and checks them then.
+Plan plan_decode(const uint8_t* data, uint64_t size, const CompiledProfile* profile,
+                 bool host_tables = true);
 
 // Lay out an encoder's plan: float and cum slots for every plane, streams with scratch
 // offsets (rans_bound each); `inputs` are the planes' element pointers. The caller fills

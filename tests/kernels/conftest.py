@@ -40,3 +40,18 @@ def profile_samples() -> list[KVCache]:
 def as_numpy(x) -> np.ndarray:
     t = torch.as_tensor(x)
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def frame_with_bad_table() -> bytes:
+    """A sealed `default` frame (one plane pair, its own tables) whose first table has a
+    zero frequency: only building the tables can tell (the checksum is right)."""
+    import google_crc32c
+
+    from kvpool.kernels import _codec, encode
+
+    frame = bytearray(encode(synthetic_kv([(128, 64)], seed=3), "default", position=100)[:-4])
+    h = _codec.parse(np.frombuffer(bytes(frame), dtype=np.uint8))
+    width = h["layers"][0][1]
+    first = h["header_size"] + 4 * width  # after the first plane's channel mu and sigma (bf16)
+    frame[first:first + 2] = b"\x00\x00"
+    return bytes(frame) + google_crc32c.value(bytes(frame)).to_bytes(4, "little")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvpool.kernels import CodecError, KVCache, ProfileMismatch, decode, encode, peek
 
-from .conftest import synthetic_kv
+from .conftest import frame_with_bad_table, synthetic_kv
 
 
 def seal(body: bytes) -> bytes:
@@ -162,3 +162,8 @@ def test_mutated_frames_with_valid_checksum(data, level) -> None:
 _FRAMES = {
     level: encode(synthetic_kv([(40, 24), (9, 8)]), level) for level in ("lossless", "default")
 }
+
+
+def test_a_table_with_a_zero_frequency_is_refused() -> None:
+    with pytest.raises(CodecError, match="corrupt"):
+        decode(frame_with_bad_table())

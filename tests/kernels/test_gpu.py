@@ -13,7 +13,7 @@ import torch
 from kvpool.kernels import CodecError, Profile, decode, encode, peek
 from tests.conftest import cuda_available
 
-from .conftest import synthetic_kv
+from .conftest import frame_with_bad_table, synthetic_kv
 
 CASES = [(level, dtype) for level in ("lossless", "default", "lowest")
          for dtype in (torch.float16, torch.bfloat16, torch.float32)]
@@ -70,3 +70,10 @@ def test_gpu_rejects_corrupt_streams() -> None:
     sealed = bytes(body) + google_crc32c.value(bytes(body)).to_bytes(4, "little")
     with pytest.raises(CodecError):
         decode(sealed, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_rejects_a_frame_whose_tables_are_corrupt() -> None:
+    """The device builds and checks the frame's own tables."""
+    with pytest.raises(CodecError, match="tables"):
+        decode(frame_with_bad_table(), device="cuda")
