@@ -1,5 +1,5 @@
 // Argument conversion shared by the CPU and CUDA extension modules: arrays to plane
-// pointers, Python profile tuples to (compiled) profiles, headers to dicts, Error to CodecError.
+// pointers, Python profile tuples to ProfileData, headers to dicts, Error to CodecError.
 #pragma once
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -99,13 +99,6 @@ inline ProfileData profile_data(const std::vector<ProfileTuple>& planes) {
         out.push_back(p);
     }
     return out;
-}
-
-// The profile tuples compiled for the frame with header h (none when h names no profile).
-inline std::optional<CompiledProfile> compiled_for(
-    const Header& h, const std::optional<std::vector<ProfileTuple>>& profile) {
-    if (!profile || !h.has_profile() || h.lossless()) return std::nullopt;
-    return compile_profile(h, profile_data(*profile));
 }
 
 inline nb::dict header_dict(const Header& h) {

@@ -1,5 +1,7 @@
 // kvpool.kernels._codec_cuda: the CUDA path of the codec. Imports without a GPU or driver
 // (the CUDA runtime is linked statically); device_count() says whether it can run.
+// Compiled profiles are the CPU module's CompiledProfile objects (nanobind shares bound
+// types between the extension modules of one build).
 #include "../cuda/codec_cuda.h"
 #include "common.h"
 
@@ -18,8 +20,8 @@ nb::bytes encode(const std::vector<CudaPlane>& planes, bool lossless, const std:
                  uint16_t block_tokens, uint16_t group_channels, uint16_t anchor_group,
                  uint16_t table_group, uint8_t exact_rows,
                  const std::vector<LayerTuple>& layers,
-                 const std::optional<nb::bytes>& profile_hash,
-                 const std::optional<std::vector<ProfileTuple>>& profile, bool contexts) {
+                 const std::optional<nb::bytes>& profile_hash, const CompiledProfile* profile,
+                 bool contexts) {
     require_device();
     if (planes.size() != 2 * layers.size()) throw Error(kBadInput, "two planes per layer");
     uint8_t dtype = planes.empty() ? (uint8_t)kF16 : dtype_of(planes[0].dtype());
@@ -33,19 +35,18 @@ nb::bytes encode(const std::vector<CudaPlane>& planes, bool lossless, const std:
     }
     Header h = make_header(dtype, lossless, level, block_tokens, group_channels, anchor_group,
                            table_group, exact_rows, layers, profile_hash, contexts);
-    if (profile_hash.has_value() != profile.has_value())
+    if (profile_hash.has_value() != (profile != nullptr))
         throw Error(kBadInput, "profile hash and tables go together");
-    std::optional<CompiledProfile> prof = compiled_for(h, profile);
     std::vector<uint8_t> frame;
     {
         nb::gil_scoped_release release;
-        frame = encode_cuda(h, inputs, prof ? &*prof : nullptr);
+        frame = encode_cuda(h, inputs, profile);
     }
     return nb::bytes((const char*)frame.data(), frame.size());
 }
 
 void decode(const Bytes& data, const std::vector<CudaPlane>& outputs,
-            const std::optional<std::vector<ProfileTuple>>& profile) {
+            const CompiledProfile* profile) {
     require_device();
     Header h = parse_header(data.data(), data.size());
     if (outputs.size() != h.planes()) throw Error(kBadInput, "one output per plane");
@@ -57,9 +58,8 @@ void decode(const Bytes& data, const std::vector<CudaPlane>& outputs,
             throw Error(kBadInput, "output shape or dtype differs from the frame");
         outs.push_back(outputs[p].data());
     }
-    std::optional<CompiledProfile> prof = compiled_for(h, profile);
     nb::gil_scoped_release release;
-    decode_cuda(data.data(), data.size(), prof ? &*prof : nullptr, outs);
+    decode_cuda(data.data(), data.size(), profile, outs);
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -134,6 +136,30 @@ __global__ void decode_kernel(FrameParams f, const PlaneDesc* planes, const Stre
     fail(status, decode_stream_at(f, planes[s.plane], s, floats, cum, data, outputs[s.plane]));
 }
 
+// A compiled profile's tables on the current device: uploaded at first use, then kept with
+// the profile (one device at a time; another device uploads its own copy).
+std::shared_ptr<void> device_tables(const CompiledProfile& profile) {
+    static std::mutex lock;
+    std::lock_guard<std::mutex> guard(lock);
+    int device = 0;
+    cuda_check(cudaGetDevice(&device), "device");
+    if (!profile.device_cum || profile.device != device) {
+        void* ptr = nullptr;
+        size_t bytes = profile.cum.size() * sizeof(uint32_t);
+        cuda_check(cudaMalloc(&ptr, bytes ? bytes : 4), "malloc");
+        profile.device_cum.reset(ptr, [device](void* p) {
+            int current = 0;
+            cudaGetDevice(&current);
+            cudaSetDevice(device);
+            cudaFree(p);
+            cudaSetDevice(current);
+        });
+        profile.device = device;
+        cuda_check(cudaMemcpy(ptr, profile.cum.data(), bytes, cudaMemcpyHostToDevice), "upload");
+    }
+    return profile.device_cum;  // the caller's copy keeps it while it is in use
+}
+
 void check_status(const DeviceArray<int32_t>& status, const char* what) {
     cuda_check(cudaDeviceSynchronize(), what);
     int32_t s = kOk;
@@ -240,14 +266,17 @@ std::vector<uint8_t> encode_cuda(const Header& header, const std::vector<const v
         }
     }
 
-    DeviceArray<uint32_t> d_cum(plan.tables(), plan.cum_words);
+    std::shared_ptr<void> shared = plan.shared_cum ? device_tables(*profile) : nullptr;
+    DeviceArray<uint32_t> d_cum(shared ? 0 : plan.cum_words);
+    if (!shared) d_cum.upload(plan.cum.data());
+    const uint32_t* cum = shared ? (const uint32_t*)shared.get() : d_cum.ptr;
     DeviceArray<StreamRef> d_streams(plan.streams.data(), plan.streams.size());
     uint64_t n = plan.streams.size();
     DeviceArray<uint8_t> d_scratch(scratch_bytes(plan));
     DeviceArray<uint64_t> d_begin(n);
     if (n)
         encode_kernel<<<blocks_for(n), kThreads>>>(f, d_planes.ptr, d_streams.ptr, n, d_floats.ptr,
-                                                  d_cum.ptr, d_scratch.ptr, d_begin.ptr);
+                                                  cum, d_scratch.ptr, d_begin.ptr);
     cuda_check(cudaDeviceSynchronize(), "stream encoding");
     std::vector<uint8_t> scratch(d_scratch.n);
     std::vector<uint64_t> begin(n);
@@ -283,11 +312,12 @@ void decode_cuda(const uint8_t* data, uint64_t size, const CompiledProfile* prof
     DeviceArray<float> d_floats(plan.floats.data(), plan.floats.size());
     DeviceArray<int32_t> status(1);
     status.zero();
-    // A profile's tables are uploaded as they are; the frame's own are built on the device.
-    DeviceArray<uint32_t> d_cum(plan.cum_words);
-    if (plan.shared_cum) {
-        d_cum.upload(plan.shared_cum);
-    } else {
+    // A profile's tables are uploaded once per device and kept with it; the frame's own
+    // are built on the device.
+    std::shared_ptr<void> shared = plan.shared_cum ? device_tables(*profile) : nullptr;
+    DeviceArray<uint32_t> d_cum(shared ? 0 : plan.cum_words);
+    const uint32_t* cum = shared ? (const uint32_t*)shared.get() : d_cum.ptr;
+    if (!shared) {
         uint64_t most = 0;
         for (const PlaneDesc& d : plan.planes) most = std::max(most, plane_tables(plan.params, d));
         dim3 grid(blocks_for(most), (unsigned)plan.planes.size());
@@ -297,7 +327,7 @@ void decode_cuda(const uint8_t* data, uint64_t size, const CompiledProfile* prof
     }
     DeviceArray<void*> d_outs(coded.data(), coded.size());
     decode_kernel<<<blocks_for(n), kThreads>>>(plan.params, d_planes.ptr, d_streams.ptr, n,
-                                              d_floats.ptr, d_cum.ptr, d_data.ptr, d_outs.ptr,
+                                              d_floats.ptr, cum, d_data.ptr, d_outs.ptr,
                                               status.ptr);
     check_status(status, "stream");
 }

@@ -2,6 +2,7 @@
 // the host for the CPU path and uploaded as they are for the CUDA path.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../core/planned.h"
@@ -30,6 +31,9 @@ struct CompiledProfile {
     std::vector<uint32_t> cum;   // every plane's tables, laid out as a plan of `layout` lays them
     std::vector<float> stats;    // per plane: mu[width] then sigma[width]
     std::vector<uint64_t> stats_at;
+    // A copy of cum in a GPU's memory, made by the CUDA path at first use (freed with this).
+    mutable std::shared_ptr<void> device_cum;
+    mutable int device = -1;
     // Whether frames with header h code with these tables (same planes, widths, bins,
     // anchor group, contexts).
     bool fits(const Header& h) const;

@@ -191,11 +191,10 @@ def encode(
         "profile_hash": bytes.fromhex(profile.slice_hash(first, n)) if use_profile else None,
         "contexts": contexts,
     }
+    tables = profile.compiled(lv.anchor_group, layers, contexts, first) if use_profile else None
     if _on_cuda(planes):
-        tables = profile.tables_for(lv.anchor_group, layers, contexts, first) if use_profile else None
         frame = _cuda().encode(planes, profile=tables, **args)
     else:
-        tables = profile.compiled(lv.anchor_group, layers, contexts, first) if use_profile else None
         frame = _codec.encode(planes, profile=tables, threads=threads or default_threads(), **args)
     body = frame[:-4]
     return body + google_crc32c.value(body).to_bytes(4, "little")
@@ -296,8 +295,8 @@ def decode(
         first = profile.locate(want, len(h["layers"]))
         if first is None:
             raise ProfileMismatch(f"the chunk needs profile {want}, not {profile.hash}")
-        tables = (profile.tables_for if dev.type == "cuda" else profile.compiled)(
-            h["anchor_group"], h["layers"], bool(h["flags"] & FLAG_CONTEXTS), first)
+        tables = profile.compiled(h["anchor_group"], h["layers"],
+                                  bool(h["flags"] & FLAG_CONTEXTS), first)
     dtype = getattr(torch, DTYPES[h["dtype"]])
     gpu = _cuda() if dev.type == "cuda" else None
     if out is not None:

@@ -273,10 +273,11 @@ class Profile:
 
     def compiled(self, anchor_group: int, layers: list[tuple[int, ...]], contexts: bool,
                  first: int) -> Any:
-        """The tables of :meth:`tables_for` built into the form the CPU coder reads, for
+        """The tables of :meth:`tables_for` built into the form the coder reads, for
         frames of this layout (tokens aside). Built once and kept (least recently used
         first out, up to :data:`COMPILED_CACHE_BYTES`): a frame then spends nothing on its
-        tables, where building them took about as long as decoding a one-layer chunk."""
+        tables, where building them took about as long as decoding a one-layer chunk. The
+        CUDA path uploads them to the GPU once and keeps that copy with them."""
         shapes = tuple(tuple(layer[1:]) for layer in layers)
         key = (anchor_group, contexts, first, shapes)
         with self._compiled_lock:

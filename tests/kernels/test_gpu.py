@@ -28,6 +28,26 @@ def test_cuda_module_is_built_where_nvcc_is() -> None:
     assert _codec_cuda.device_count() >= 0
 
 
+def test_cuda_module_takes_the_cpu_modules_compiled_profiles(profile_samples) -> None:
+    """Both extension modules share the bound CompiledProfile type: the CUDA path gets the
+    profile's compiled tables (and keeps its device copy with them)."""
+    if importlib.util.find_spec("kvpool.kernels._codec_cuda") is None:
+        pytest.skip("the CUDA module is not built here")
+    if cuda_available():
+        pytest.skip("a CUDA device is present (the GPU tests decode with profiles)")
+    import numpy as np
+
+    from kvpool.kernels import _codec_cuda
+
+    profile = Profile.build(profile_samples, model="synthetic")
+    frame = encode(profile_samples[0], "default", profile)
+    info = peek(frame)
+    layers = [(t, w, *b) for (t, w), b in zip(info.layers, info.bins)]
+    compiled = profile.compiled(1, layers, info.contexts, 0)
+    with pytest.raises(CodecError, match="no CUDA device"):  # not a TypeError
+        _codec_cuda.decode(np.frombuffer(frame, dtype=np.uint8), [], compiled)
+
+
 def test_no_device_is_a_clean_error() -> None:
     if cuda_available():
         pytest.skip("a CUDA device is present")
