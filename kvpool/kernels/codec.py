@@ -200,11 +200,15 @@ def encode(
     return body + google_crc32c.value(body).to_bytes(4, "little")
 
 
-def _buffer(data: bytes | bytearray | memoryview) -> tuple[bytes, np.ndarray]:
+def _buffer(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """The frame's bytes as a uint8 array: read in place when they cannot change (bytes, a
+    read-only view of them), else copied first (the checksum is checked once, then the
+    decoder reads them without the GIL)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"a frame is bytes, not {type(data).__name__}")
-    raw = bytes(data)
-    return raw, np.frombuffer(raw, dtype=np.uint8)
+    if isinstance(data, bytearray) or not memoryview(data).readonly:
+        data = bytes(data)
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def _header(view: np.ndarray) -> dict[str, Any]:
@@ -220,7 +224,7 @@ def _raw_bytes(h: dict[str, Any]) -> int:
 def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
     """The header of a frame (a prefix holding the header is enough; the checksum is not
     verified here). Raises CodecError when the header is malformed."""
-    _, view = _buffer(data)
+    view = _buffer(data)
     h = _header(view)
     zero = bytes(16)
     return ChunkInfo(
@@ -238,14 +242,13 @@ def peek(data: bytes | bytearray | memoryview) -> ChunkInfo:
     )
 
 
-def _verify(raw: bytes) -> None:
+def _verify(raw: np.ndarray) -> None:
     if len(raw) < 4:
         raise CodecError("truncated bitstream: shorter than its checksum")
-    body = raw[:-4]
-    if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
         # Say "truncated" when the header knows the frame is longer than what we got.
         try:
-            size = _codec.parse(np.frombuffer(raw, dtype=np.uint8))["frame_size"]
+            size = _codec.parse(raw)["frame_size"]
         except CodecError:
             size = None
         if size is not None and size > len(raw):
@@ -277,8 +280,8 @@ def decode(
     """
     import torch
 
-    raw, view = _buffer(data)
-    _verify(raw)
+    view = _buffer(data)
+    _verify(view)
     h = _header(view)
     raw_bytes = _raw_bytes(h)
     if max_raw_bytes is not None and raw_bytes > max_raw_bytes:

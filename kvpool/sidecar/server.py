@@ -42,6 +42,7 @@ from pathlib import Path
 
 import google_crc32c
 import grpc
+import numpy as np
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -131,8 +132,9 @@ cannot arrive in time, or its reader is gone): the producer's later chunks are a
 and dropped, not refused."""
 
 
-def checksum(payload: bytes) -> int:
-    return google_crc32c.value(payload)
+def checksum(payload: bytes | memoryview) -> int:
+    """CRC-32C of a chunk's payload (bytes, or a view of a received message's)."""
+    return google_crc32c.value(np.frombuffer(payload, dtype=np.uint8))
 
 
 def unwanted(transfer: Transfer) -> bool:

@@ -264,3 +264,19 @@ def test_non_finite_values_need_lossless() -> None:
 
     with pytest.raises(CodecError, match="invalid input"):
         encode(KVCache(keys=[x], values=[x]), "default")
+
+
+def test_frames_decode_from_any_bytes_like_object() -> None:
+    """bytes and read-only views (a slice of a received message) are read in place; a
+    bytearray or writable view is copied before the checksum is checked."""
+    kv = synthetic_kv([(96, 64), (96, 64)], seed=11)
+    frame = encode(kv, "default")
+    message = b"\x00" * 7 + frame + b"\x01" * 5
+    want = decode(frame)
+    for data in (memoryview(message)[7:7 + len(frame)], bytearray(frame),
+                 memoryview(bytearray(frame))):
+        got = decode(data)
+        assert all(torch.equal(a, b) for a, b in zip([*got.keys, *got.values],
+                                                     [*want.keys, *want.values]))
+    with pytest.raises(CodecError, match="truncated"):
+        decode(memoryview(message)[7:6 + len(frame)])

@@ -22,9 +22,11 @@ def proto_chunk(payload: bytes, **extra) -> pb.WireChunk:
 def test_chunk_reads_as_protobuf_wrote_it_and_back(size: int) -> None:
     payload = os.urandom(size)
     sent = pb.PeerMessage(chunk=proto_chunk(payload))
-    message = peerwire.parse(sent.SerializeToString())
+    data = sent.SerializeToString()
+    message = peerwire.parse(data)
     assert message.kind == "chunk" and message.chunk.payload == payload
-    assert type(message.chunk.payload) is bytes
+    # the payload is read in place: a read-only view of the received bytes, not a copy
+    assert message.chunk.payload.readonly and message.chunk.payload.obj is data
     assert message.chunk.fields() == proto_chunk(b"")
     back = pb.PeerMessage.FromString(peerwire.serialize(message))
     assert back == sent
