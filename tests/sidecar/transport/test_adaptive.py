@@ -132,10 +132,13 @@ def test_decisions_are_counted_and_reported(codec_model):
     health = TransferHealth()
     policy = LevelPolicy(copy.deepcopy(codec_model), ThroughputEstimator(initial_bps=100 * MBIT),
                          on_decision=lambda d: health.chunk(d.level))
-    for budget in (10.0, 10.0, 0.0):
-        policy.choose(CHUNK, budget)
-    assert policy.counts == {RAW: 2, RECOMPUTE: 1}
-    assert health.summary()["level_mix"] == {RAW: 2 / 3, RECOMPUTE: 1 / 3}
+    # an ample budget gets an exact transfer: raw, or lossless where this machine's
+    # measured codec beats the link; which one depends on the CPU, the counting does not
+    exact = [policy.choose(CHUNK, budget).level for budget in (10.0, 10.0)]
+    assert exact[0] in (RAW, "lossless") and exact[1] == exact[0]
+    policy.choose(CHUNK, 0.0)
+    assert policy.counts == {exact[0]: 2, RECOMPUTE: 1}
+    assert health.summary()["level_mix"] == {exact[0]: 2 / 3, RECOMPUTE: 1 / 3}
 
 
 def test_measured_chunks_correct_the_estimates(codec_model):
