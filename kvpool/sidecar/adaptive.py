@@ -16,10 +16,11 @@ The sender streams a prompt's KV chunk by chunk. Before encoding a chunk it asks
 The answer is the best-quality option predicted to arrive in time on a link, and a codec,
 a margin slower than measured, where ``raw`` (the uncompressed bytes) ranks with
 ``lossless`` (both are exact) and wins over it when the link is fast enough that encoding
-would cost more time than it saves. When nothing fits, the fastest level catches up as
-long as it can still make the deadline (plus a grace) for the whole rest; only when it
-cannot, at the link's median rate and the codec's own speed (its CPU time), is the answer
-``recompute``: decode runs the prefill itself.
+would cost more time than it saves. When nothing fits, the fastest level catches up; the
+answer is ``recompute`` (decode runs the prefill itself) only when it is clearly the better
+way: with most of the KV still to send, on figures of a sender not starved of CPU, and the
+fastest level, kept up for the rest at the link's median rate and the codec's own speed
+(its CPU time), projected to miss the deadline (plus a grace) by a clear factor.
 Every decision is counted (``LevelPolicy.counts``, and through ``on_decision`` in the
 sidecar's Prometheus metrics) and logged (INFO when the choice changes, else DEBUG).
 """
@@ -158,6 +159,16 @@ class CodecModel:
 
     costs: dict[str, LevelCost]
     alpha: float = 0.3
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=3),
+                                      repr=False)
+    """CPU and wall seconds of the last few encodings timed both ways (:attr:`cpu_share`)."""
+
+    @property
+    def cpu_share(self) -> float | None:
+        """The share of a core the last few encodings got: their CPU time over their wall
+        time (1 on an idle core, 0.25 where four processes share it; None before any)."""
+        wall = sum(w for _, w in self.recent)
+        return min(1.0, sum(c for c, _ in self.recent) / wall) if wall > 0 else None
 
     @classmethod
     def calibrate(cls, encode, decode, sample, levels: Sequence[str] = CODEC_LEVELS,
@@ -197,6 +208,8 @@ class CodecModel:
         a = self.alpha if cost.measured else 1.0
         cost.ratio += a * (encoded_bytes / raw_bytes - cost.ratio)
         if encode_cpu_s is not None:
+            if encode_s > 0:
+                self.recent.append((encode_cpu_s, encode_s))
             cost.encode_cpu_s_per_byte = cost.encode_cpu + a * (encode_cpu_s / raw_bytes
                                                                 - cost.encode_cpu)
         cost.encode_s_per_byte += a * (encode_s / raw_bytes - cost.encode_s_per_byte)
@@ -292,6 +305,12 @@ class TransferDeadline:
         now = time.monotonic() if now is None else now
         return self.deadline + self.grace_s - now, max(self.total_raw_bytes - self.sent_raw_bytes, 0)
 
+    def progress(self) -> float:
+        """The fraction of the raw bytes sent (1.0 for an empty transfer)."""
+        if self.total_raw_bytes <= 0:
+            return 1.0
+        return min(1.0, self.sent_raw_bytes / self.total_raw_bytes)
+
     def shift(self, seconds: float) -> None:
         """Move the whole schedule later (time the caller took out of the transfer's clock)."""
         self.deadline += seconds
@@ -335,6 +354,17 @@ class LevelPolicy:
     recompute_samples: int = 3
     """Acknowledged chunks measured before a recompute may be decided (it cannot be taken
     back; two stalled chunks on a busy machine are not a slow link)."""
+    recompute_factor: float = 1.5
+    """A recompute only when the fastest form, kept up for the rest, is projected to take
+    this many times the time left (grace included): a near miss is sent, not given up."""
+    recompute_until: float = 0.5
+    """No recompute once this fraction of the raw bytes is sent: what is left, even late,
+    is less work than the whole prefill a recompute does again."""
+    starved_share: float = 0.5
+    """No recompute while the recent encodings got less than this share of a core
+    (:attr:`CodecModel.cpu_share`): the process is starved of CPU, and what it measures
+    (an encoding's wall time, the wait for an acknowledgement) is the machine's, not the
+    link's. It keeps sending at the fastest form, and judges again on clean figures."""
     on_decision: Callable[[Decision], None] | None = None
     """Called with every decision (the sidecar counts them in its metrics)."""
     name: str = "adaptive"
@@ -356,18 +386,19 @@ class LevelPolicy:
 
     def choose(self, raw_bytes: int, budget_s: float, *, queued_bytes: int = 0,
                queued_decode_s: float = 0.0, due_s: float | None = None,
-               rest: tuple[float, int] | None = None, recompute: bool = True) -> Decision:
+               rest: tuple[float, int] | None = None, progress: float | None = None,
+               recompute: bool = True) -> Decision:
         """The level for the next chunk of ``raw_bytes`` that may take ``budget_s``.
 
         ``queued_bytes``: bytes sent before it and not yet acknowledged (the chunk waits for
         them on the wire, on top of its budget); ``queued_decode_s``: the receiver's time to
         decode them (it acknowledges the next chunk only after). ``due_s``: seconds until the chunk is due
         on the transfer's schedule (its arrival must also be within them). ``rest``: seconds
-        to the request's deadline and the raw bytes still to send, this chunk's included.
-        When no level fits but the fastest one, kept up for the rest, still makes the
-        deadline, the chunk goes at that level (catching up); recompute only when even that
-        cannot (judged on the steadier median throughput and the codec's own speed, its CPU
-        time: one stalled chunk is not a link, nor a busy machine a slow codec).
+        to the request's deadline and the raw bytes still to send, this chunk's included;
+        ``progress``: the fraction of the transfer's raw bytes sent (None: unknown).
+        When no level fits, the chunk goes at the fastest form (catching up: the best of
+        those predicted within the margin of the soonest) unless a recompute is clearly the
+        better way (:meth:`_keep_sending` says why not).
         Predictions take the link and the codec as ``1 + margin`` times slower than estimated.
         ``recompute=False``: the fastest form rather than a recompute (a chunk already due).
         """
@@ -392,26 +423,48 @@ class LevelPolicy:
                 return self._record(Decision(self._chunk, level, budget_s, predicted[level], bps,
                                              "best level that fits the budget"))
         # the form that arrives soonest: raw on a fast link; on a busy machine the lowest
-        # level's encoding may cost more than its fewer bytes save
-        fastest = min(predicted, key=predicted.__getitem__)
+        # level's encoding may cost more than its fewer bytes save. Those whose own time
+        # (after the wait for the chunk ahead, the same for all) is within the margin of
+        # the soonest one's are as fast as the predictions can tell (a chunk that waits for
+        # its encoding arrives no sooner for fewer bytes): the best of them goes
+        own = {lv: predicted[lv] - wait for lv in predicted}
+        soonest = min(own.values()) * (1 + self.margin)
+        fastest = next(lv for lv in self.options() if own[lv] <= soonest)
         if rest is not None:
-            # recompute costs decode a whole prefill and cannot be taken back: only when the
-            # form fastest at the codec's own speed, kept up for the rest, would miss the
-            # deadline (and its grace) at the median of the recent rates (a stall is not a link)
-            seconds_left, bytes_left = rest
-            steady_bps = max(self.estimator.median_bps or bps, bps)
-            steady = min(self.model.predict(lv, max(bytes_left, raw_bytes), steady_bps, self._priors,
-                                            overlap=self.overlap, own_speed=True)
-                         for lv in self.options())
-            if queued_bytes / steady_bps + steady <= seconds_left or (
-                    self.estimator.samples < self.recompute_samples):
+            keep = self._keep_sending(raw_bytes, queued_bytes, bps, rest, progress)
+            if keep is not None:
                 return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest],
-                                             bps, f"behind schedule: {fastest} catches up"))
+                                             bps, f"behind schedule: {fastest} catches up "
+                                                  f"({keep})"))
         if self.allow_recompute and recompute:
             return self._record(Decision(self._chunk, RECOMPUTE, budget_s, predicted[fastest], bps,
                                          f"even {fastest} misses the budget"))
         return self._record(Decision(self._chunk, fastest, budget_s, predicted[fastest], bps,
                                      "misses the budget; recompute not allowed"))
+
+    def _keep_sending(self, raw_bytes: int, queued_bytes: int, bps: float,
+                      rest: tuple[float, int], progress: float | None) -> str | None:
+        """Why a chunk that fits no budget still goes rather than a recompute, or None when
+        a recompute is the better way. A recompute costs decode a whole prefill and cannot
+        be taken back, so it needs enough measured chunks, most of the KV still to send, a
+        sender not starved of CPU, and the form fastest at the codec's own speed (its CPU
+        time), kept up for the rest at the median of the recent rates (one stall is not a
+        link), projected to miss the deadline and its grace by ``recompute_factor``."""
+        if self.estimator.samples < self.recompute_samples:
+            return f"{self.estimator.samples} chunks measured"
+        if progress is not None and progress >= self.recompute_until:
+            return f"{progress:.0%} of the KV sent"
+        share = self.model.cpu_share
+        if share is not None and share < self.starved_share:
+            return f"the encodings got {share:.0%} of a core: starved, not a slow link"
+        seconds_left, bytes_left = rest
+        steady_bps = max(self.estimator.median_bps or bps, bps)
+        steady = queued_bytes / steady_bps + min(
+            self.model.predict(lv, max(bytes_left, raw_bytes), steady_bps, self._priors,
+                               overlap=self.overlap, own_speed=True) for lv in self.options())
+        if steady <= seconds_left * self.recompute_factor:
+            return f"the rest projected at {steady * 1e3:.0f} ms for {seconds_left * 1e3:.0f} ms"
+        return None
 
     def decode_s(self, level: str, raw_bytes: int) -> float:
         """Predicted seconds to decode a chunk of ``raw_bytes`` sent at ``level``."""

@@ -345,6 +345,7 @@ def adaptive_runs(tokens: int, skipped: dict, policies: list[str] | None = None,
                 chunks = done["chunks"]
                 got.append({
                     "on_time": done["on_time"], "met_deadline": done["met_deadline"],
+                    "recompute": done["recompute"],
                     "finished_ms": done["finished_s"] * 1e3, "levels": done["levels"],
                     "greedy_match": greedy_match(tokens, tuple(done["levels"])),
                     # wall over CPU seconds of the encodings: 1 on an idle core
@@ -370,6 +371,8 @@ def _summary(runs: list[dict], deadline: float) -> dict | None:
             "deadline_ms": deadline * 1e3,
             "finished_ms": statistics.fmean(r["finished_ms"] for r in runs),
             "met_deadline": sum(r["met_deadline"] for r in runs) / len(runs),
+            # runs given up to a recompute: their chunks not sent count as not on time
+            "recompute": sum(r["recompute"] for r in runs) / len(runs),
             "encode_wall_per_cpu": statistics.fmean(r["encode_wall_per_cpu"] for r in runs),
             "runs": [{k: r[k] for k in ("on_time", "greedy_match", "finished_ms")} for r in runs],
             "levels": [r["levels"] for r in runs]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import queue
 import sys
 import threading
 import time
@@ -76,6 +77,8 @@ class ChunkReport:
     wire_bytes: int
     encode_s: float
     wire_s: float
+    """Seconds from handing the chunk to the stream (or from the previous acknowledgement,
+    when that came later) to the arrival of its own acknowledgement."""
     arrived_s: float
     """Seconds from the transfer's start to the chunk's acknowledgement."""
     due_s: float
@@ -132,13 +135,27 @@ def _budget(policy: adaptive.LevelPolicy, deadline: adaptive.TransferDeadline, r
             pending=None) -> dict:
     """The arguments of ``LevelPolicy.choose`` for the next chunk, now: its share of the
     time left, the chunk still on the wire ahead of it (bytes, and its decoding: the receiver
-    acknowledges the next one after), its due instant, the rest."""
+    acknowledges the next one after), its due instant, the rest, the fraction sent."""
     now = time.monotonic()
     queued = pending[0] if pending is not None else None
     return {"budget_s": deadline.chunk_budget(raw_bytes, now),
             "queued_bytes": queued.wire_bytes if queued else 0,
             "queued_decode_s": policy.decode_s(queued.level, queued.raw_bytes) if queued else 0.0,
-            "due_s": deadline.due(raw_bytes) - now, "rest": deadline.rest(now)}
+            "due_s": deadline.due(raw_bytes) - now, "rest": deadline.rest(now),
+            "progress": deadline.progress()}
+
+
+def _read_acks(acks, arrivals: queue.Queue) -> None:
+    """Put each acknowledgement on ``arrivals`` with the instants it came (``perf_counter``,
+    ``monotonic``) as it comes, then None (or the stream's error): the sender may be busy
+    encoding the next chunk when one comes, and that is no time on the wire."""
+    try:
+        for ack in acks:
+            arrivals.put((ack, time.perf_counter(), time.monotonic()))
+    except grpc.RpcError as exc:
+        arrivals.put(exc)
+        return
+    arrivals.put(None)
 
 
 def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolicy | str,
@@ -172,11 +189,15 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
                 return
             yield item
 
+    reader = None
     try:
         acks = channel.stream_stream(
             METHOD, request_serializer=pb.WireChunk.SerializeToString,
             response_deserializer=pb.PushReply.FromString)(requests(), timeout=timeout)
         acks.initial_metadata()  # nor is opening the stream (else the first sample is slow)
+        arrivals: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=_read_acks, args=(acks, arrivals), daemon=True)
+        reader.start()
         start = time.monotonic()
         # the policy plans to finish ``reserve`` of the time early (a stall of a busy machine
         # at the last chunk does not make the whole KV late); a recompute only pays once the
@@ -190,16 +211,19 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
         def settle() -> None:
             nonlocal last_ack, start
             chunk, handoff = pending
-            ack = next(acks)
-            now = time.perf_counter()
+            got = arrivals.get(timeout=timeout)
+            if isinstance(got, BaseException):
+                raise got
+            if got is None:
+                raise RuntimeError(f"the stream ended before chunk {chunk.chunk}'s acknowledgement")
+            ack, now, arrived = got
             if ack.chunks != chunk.chunk + 1:
                 raise RuntimeError(f"chunk {chunk.chunk} was refused by the receiver")
             chunk.wire_s = now - max(handoff, last_ack)
-            chunk.arrived_s = time.monotonic() - start
+            chunk.arrived_s = arrived - start
             last_ack = now
             if not isinstance(policy, str):
-                policy.estimator.observe(chunk.wire_bytes, chunk.wire_s,
-                                         at=time.monotonic() - start)
+                policy.estimator.observe(chunk.wire_bytes, chunk.wire_s, at=chunk.arrived_s)
             report.chunks.append(chunk)
             if on_chunk is not None:
                 on_chunk(chunk)
@@ -257,10 +281,11 @@ def send(target: str, raw_chunks: list[pb.RawChunk], policy: adaptive.LevelPolic
         with ready:
             outbox.append(None)
             ready.notify_all()
-        for _ in acks:
-            pass
+        reader.join(timeout)
     finally:
         channel.close()
+        if reader is not None:
+            reader.join(timeout)
     report.finished_s = time.monotonic() - start
     return report
 
