@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from kvpool.launch import HttpReady, Launcher, LaunchError, Process, free_port
+from kvpool.launch import (
+    HttpReady,
+    Launcher,
+    LaunchError,
+    Process,
+    cpu_engine_dtype,
+    free_port,
+    vllm_argv,
+)
 
 
 def _http_server(launcher: Launcher, name: str) -> Process:
@@ -118,6 +126,24 @@ def test_ctrl_c_and_sigterm_stop_everything(tmp_path: Path, signum: int) -> None
         runner.kill()
     for pid in children:
         assert _gone(pid), f"child {pid} survived {signal.Signals(signum).name}"
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [
+    ("fpu sse2 avx avx2 fma", "float32"),
+    ("fpu avx2 avx512f avx512bw", "float32"),
+    ("fpu avx2 avx512f avx512_bf16", "bfloat16"),
+    ("fpu avx2 amx_tile amx_bf16", "bfloat16"),
+])
+def test_engine_dtype_follows_native_bf16(tmp_path: Path, flags: str, dtype: str) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: CPU\nflags\t\t: {flags}\n\n")
+    assert cpu_engine_dtype(cpuinfo) == dtype
+    assert cpu_engine_dtype(tmp_path / "missing") == "float32"
+
+
+def test_engine_argv_names_the_dtype(tmp_path: Path) -> None:
+    argv = vllm_argv(tmp_path, 8000)
+    assert argv[argv.index("--dtype") + 1] == cpu_engine_dtype()
 
 
 def test_names_are_unique(tmp_path: Path) -> None:
